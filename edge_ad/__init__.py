@@ -1,0 +1,3 @@
+"""edge-ad: visual defect inspection for factory lines (D3AD latent diffusion, Ray, MLflow, Kafka)."""
+
+__version__ = "0.1.0"

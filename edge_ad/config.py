@@ -1,0 +1,241 @@
+"""Typed settings for training and running a detector.
+
+One frozen pydantic model per concern, grouped in :class:`Settings`. A run is described by a
+profile (``tiny`` for tests, ``cpu`` for a 2-core laptop, ``paper`` for GPUs with the D3AD paper's
+settings), then a YAML file, then ``--set section.key=value`` overrides, each layer replacing
+only the keys it names. The resolved settings are saved into every bundle and MLflow run, so a
+model can always say how it was made.
+
+Example::
+
+    settings = load_settings("cpu", config_file="line3.yaml", overrides=["unet.epochs=40"])
+    settings.unet.epochs  # 40
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge_ad.errors import ConfigError
+
+PROFILES = ("tiny", "cpu", "paper")
+
+
+class _Section(BaseModel):
+    # Frozen so a resolved config cannot drift after it was logged; extra="forbid" so a typo in
+    # a YAML key is an error instead of a silently ignored setting.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Section):
+    image_size: int = Field(256, ge=32, description="Square side images are resized to (px).")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of normal train images held back to calibrate."
+    )
+    max_train_images: int | None = Field(
+        None, ge=2, description="Use at most this many train images (None = all)."
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _multiple_of_32(self) -> DataConfig:
+        # The autoencoder downsamples 8x and the latent UNet a further 4x.
+        if self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+        return self
+
+
+class AutoencoderConfig(_Section):
+    pretrained: str | None = Field(
+        None, description="Local path or hub id of a KL autoencoder; None = train one per product."
+    )
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    layers_per_block: int = 1
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(4.5e-4, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+
+
+class UNetConfig(_Section):
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = 1
+    attention: bool = True
+    epochs: int = Field(100, ge=0)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    num_train_timesteps: int = 1000
+
+
+class BackboneConfig(_Section):
+    name: str = "tf_efficientnet_lite2"
+    weights: str | None = Field(
+        "auto", description="'auto' = offline packaged weights, a file path, or None (random)."
+    )
+    severity_layer: int = Field(2, description="Feature block used by the severity KNN (DIC).")
+    map_layers: tuple[int, ...] = (2, 3)
+
+
+class SeverityConfig(_Section):
+    k: int = Field(20, ge=1)
+    num_bins: int = Field(10, ge=2)
+    t_max: int = Field(80, ge=10)
+    min_bin: int = Field(2, ge=1)
+    round_to: int = Field(10, ge=1)
+    pool_size: int = Field(16, ge=1)
+
+
+class ReconstructConfig(_Section):
+    steps: int = Field(10, ge=1, description="DDIM steps per frame, whatever its T̂.")
+    eta: float = Field(8.0, ge=0, description="Guidance temperature η (0 = no guidance).")
+
+
+class MapConfig(_Section):
+    lam: float = Field(0.85, ge=0, le=1, description="Weight of the latent map vs feature map.")
+    sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the final map (px).")
+
+
+class AdaptConfig(_Section):
+    epochs: int = Field(2, ge=0, le=3)
+    lr: float = Field(1e-5, gt=0)
+    anchor_weight: float = Field(
+        1.0, ge=0, description="Weight of the frozen-teacher anchor (0 = no anchor)."
+    )
+
+
+class CalibrationConfig(_Section):
+    quantile: float = Field(
+        0.99, gt=0, lt=1, description="Threshold = this quantile of validation-normal scores."
+    )
+
+
+class RuntimeConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    seed: int = 0
+
+
+class Settings(_Section):
+    profile: str = "cpu"
+    data: DataConfig = DataConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    unet: UNetConfig = UNetConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    severity: SeverityConfig = SeverityConfig()
+    reconstruct: ReconstructConfig = ReconstructConfig()
+    anomaly_map: MapConfig = MapConfig()
+    adapt: AdaptConfig = AdaptConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """``{"unet.epochs": 100, ...}``: the shape MLflow params want."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.to_dict().items()
+            if isinstance(values, dict)
+            for key, value in values.items()
+        } | {"profile": self.profile}
+
+
+# Only what differs from the defaults above (the `cpu` profile), each with the reason.
+_PROFILE_OVERRIDES: dict[str, dict[str, Any]] = {
+    "cpu": {},
+    # Seconds on a laptop: tests and CI. Quality is only "clearly above chance".
+    "tiny": {
+        "data": {"image_size": 64, "max_train_images": 48},
+        "autoencoder": {"block_out_channels": (16, 32, 32, 32), "epochs": 6, "batch_size": 8},
+        "unet": {"block_out_channels": (32, 64), "attention": False, "epochs": 8},
+        "severity": {"pool_size": 4},
+        "adapt": {"epochs": 1},
+    },
+    # The paper's settings (seeds/004 §A.1): pretrained SD VAE, ResNet-34, 300 UNet epochs.
+    "paper": {
+        "autoencoder": {"pretrained": "stabilityai/sd-vae-ft-mse", "epochs": 0},
+        "unet": {"block_out_channels": (224, 448, 672, 896), "epochs": 300, "batch_size": 32},
+        "backbone": {"name": "resnet34"},
+        "adapt": {"epochs": 3},
+        "runtime": {"device": "cuda"},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    """``"unet.epochs=40"`` → ``{"unet": {"epochs": 40}}`` (value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value (unet.epochs=40)")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node: dict[str, Any] = {}
+    cursor = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return node
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "settings"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"invalid setting {where}: {first['msg']}{more}"
+
+
+def load_settings(
+    profile: str = "cpu",
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Settings:
+    """Resolve settings: profile, then YAML file, then ``section.key=value`` overrides."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    layers: dict[str, Any] = _deep_merge({"profile": profile}, _PROFILE_OVERRIDES[profile])
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            from_file = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            first_line = str(err).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML: {first_line}") from None
+        if not isinstance(from_file, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        layers = _deep_merge(layers, from_file)
+    for item in overrides or []:
+        layers = _deep_merge(layers, _parse_override(item))
+    try:
+        return Settings.model_validate(layers)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def settings_from_dict(values: dict[str, Any]) -> Settings:
+    """Rebuild settings saved by :meth:`Settings.to_dict` (bundles, MLflow runs)."""
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
