@@ -128,15 +128,44 @@ def train(
     """Train a D3AD model for one product on its normal images."""
     from edge_ad.config import load_settings
     from edge_ad.data import load_dataset
+    from edge_ad.engine import train_product
+    from edge_ad.progress import RichFitObserver, make_progress
 
     _check_layout(layout)
-    settings = load_settings(profile, config, set_)
-    dataset = load_dataset(_data_root(data_root), product, layout)
+    overrides = [
+        *(set_ or []),
+        f"runtime.workers={workers}",
+        f"runtime.gpus_per_worker={gpus_per_worker}",
+    ]
+    settings = load_settings(profile, config, overrides)
+    root = _data_root(data_root)
+    dataset = load_dataset(root, product, layout)
     console.print(
-        f"[bold]{product}[/]: {len(dataset.train)} train images ({dataset.layout} layout), "
-        f"profile {settings.profile}"
+        f"[bold]{product}[/]: {len(dataset.train)} normal train images ({dataset.layout} layout), "
+        f"profile [bold]{settings.profile}[/], {settings.data.image_size}px"
     )
-    _not_yet("train", 4)
+    if workers > 1 or gpus_per_worker > 0:
+        _not_yet("train --workers/--gpus-per-worker (Ray Train)", 5)
+    with make_progress() as progress:
+        load = progress.add_task("loading images", total=None)
+        result = train_product(
+            product,
+            root,
+            settings,
+            output,
+            dataset.layout,
+            RichFitObserver(progress),
+            lambda done, total: progress.update(load, completed=done, total=total),
+        )
+    console.print(
+        f"trained on {result.n_train} images (+{result.n_val} held out to calibrate) in "
+        f"{result.summary['train_minutes']:.1f} min; threshold {result.detector.threshold:.3f}"
+    )
+    console.print(f"bundle: [bold]{result.bundle_path}[/]")
+    console.print(
+        f"next: edge-ad eval -p {product} --model {result.bundle_path} --data-root {root} "
+        f"--report {product}-report.json"
+    )
 
 
 @app.command(
@@ -151,23 +180,57 @@ def eval(
     layout: LayoutOpt = "auto",
 ) -> None:
     """Score the product's test split; print and save I-AUROC, P-AUROC, PRO, AP, F1, s/img."""
+    from rich.table import Table
+
+    from edge_ad.engine import evaluate, resolve_model
+    from edge_ad.progress import progress_callback
+
     _check_layout(layout)
-    _not_yet("eval", 4)
+    bundle = resolve_model(model)
+    with progress_callback(f"scoring {product} test images") as callback:
+        result = evaluate(bundle, _data_root(data_root), product, layout, progress=callback)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(result, indent=2))
+    table = Table(title=f"{product}: {result['images']} test images")
+    for name in ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "f1_max"):
+        table.add_column(name.replace("_", " "), justify="right")
+    table.add_column("s/img", justify="right")
+    cells = [result[k] for k in ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "f1_max")]
+    table.add_row(
+        *("n/a" if v is None else f"{100 * v:.1f}" for v in cells),
+        f"{result['seconds_per_image']:.3f}",
+    )
+    console.print(table)
+    console.print(
+        f"T̂ chosen (normal): {result['timesteps']['normal']}  (defect): "
+        f"{result['timesteps']['defect']}"
+    )
+    console.print(f"report: {report}")
 
 
-@app.command(
-    epilog="Example:  edge-ad infer --model models/pcb1 frames/*.png --out results/"
-)
+@app.command(epilog="Example:  edge-ad infer --model models/pcb1 frames/*.png --out results/")
 def infer(
     model: ModelOpt,
     images: Annotated[list[Path], typer.Argument(help="Image files to score.")],
     out: Annotated[Path, typer.Option(help="Folder for heatmap overlays and JSON verdicts.")],
 ) -> None:
     """Score images: heatmap overlay PNG + JSON (score, verdict, T̂, defect boxes) per image."""
+    from edge_ad.engine import infer_images, resolve_model
+    from edge_ad.progress import progress_callback
+
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise EdgeADError(f"image not found: {', '.join(missing[:3])}")
-    _not_yet("infer", 4)
+    bundle = resolve_model(model)
+    with progress_callback("scoring") as callback:
+        verdicts = infer_images(bundle, images, out, progress=callback)
+    for v in verdicts:
+        mark = "[bold red]DEFECT[/]" if v["is_anomalous"] else "[green]ok[/]"
+        console.print(
+            f"{mark:>22} score {v['score']:.3f} (thr {v['threshold']:.3f}) T̂={v['timestep']} "
+            f"boxes={len(v['boxes'])}  {v['image']}"
+        )
+    console.print(f"overlays and JSON in {out}")
 
 
 # ----------------------------------------------------------------------------- registry
@@ -245,13 +308,65 @@ def broker(
     _not_yet("broker", 6)
 
 
-@app.command(epilog="Example:  edge-ad demo --profile tiny")
+@app.command(epilog="Example:  edge-ad demo  ·  edge-ad demo --profile cpu --workdir demo/")
 def demo(
     profile: ProfileOpt = "tiny",
     product: Annotated[str, typer.Option(help="Name of the generated product.")] = "synth-pcb",
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where data, model and heatmaps go (default: home/demo).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the generated product.")] = 0,
 ) -> None:
-    """From nothing to a live line: generate a product, train, register, serve, replay, report."""
-    _not_yet("demo", 4)
+    """From nothing to verdicts: generate a product, train it, evaluate it, show heatmaps.
+
+    (The streaming part — broker, Serve graph, replayed frames — joins in a later release.)
+    """
+    from edge_ad.config import load_settings
+    from edge_ad.data.synthetic import SynthSpec, generate_dataset
+    from edge_ad.engine import evaluate, infer_images, train_product
+    from edge_ad.paths import edge_home
+    from edge_ad.progress import RichFitObserver, make_progress, progress_callback
+
+    settings = load_settings(profile)
+    work = workdir or edge_home() / "demo"
+    data_root, model_dir, out_dir = work / "data", work / "models" / product, work / "heatmaps"
+    size = settings.data.image_size
+    console.rule(f"[bold]1/4 generate[/] a synthetic product '{product}' ({size}px)")
+    spec = SynthSpec(image_size=size, n_train=60, n_test_good=20, n_test_per_defect=8, seed=seed)
+    with progress_callback("synthesising") as callback:
+        generate_dataset(product, data_root, spec, progress=callback, overwrite=True)
+    console.rule(f"[bold]2/4 train[/] D3AD, profile {profile}")
+    with make_progress() as progress:
+        result = train_product(
+            product, data_root, settings, model_dir, observer=RichFitObserver(progress)
+        )
+    console.print(f"trained in {result.summary['train_minutes']:.1f} min → {model_dir}")
+    console.rule("[bold]3/4 evaluate[/] on the held-out test images")
+    from edge_ad.bundle import load_bundle
+
+    bundle = load_bundle(model_dir)
+    with progress_callback("scoring") as callback:
+        report = evaluate(bundle, data_root, product, progress=callback)
+    (work / "report.json").write_text(json.dumps(report, indent=2))
+    console.print(
+        f"image AUROC {report['image_auroc']:.3f} · pixel AUROC {report['pixel_auroc']:.3f} · "
+        f"PRO {report['pro']:.3f} · {1000 * report['seconds_per_image']:.0f} ms/image"
+    )
+    console.print(
+        f"T̂ chosen: normal {report['timesteps']['normal']}, defect {report['timesteps']['defect']}"
+    )
+    console.rule("[bold]4/4 heatmaps[/] for one image of each type")
+    dataset_dir = data_root / product / "test"
+    examples = [sorted(d.iterdir())[0] for d in sorted(dataset_dir.iterdir()) if d.is_dir()]
+    for v in infer_images(bundle, examples, out_dir):
+        mark = "[bold red]DEFECT[/]" if v["is_anomalous"] else "[green]ok    [/]"
+        console.print(
+            f"{mark} score {v['score']:6.2f}  T̂={v['timestep']:<3} "
+            f"{Path(v['image']).parent.name:<14} → {v['overlay']}"
+        )
+    console.print(
+        f"[bold green]demo finished[/]: report {work / 'report.json'}, heatmaps {out_dir}"
+    )
 
 
 @app.command(
@@ -302,9 +417,7 @@ def data_synth(
     console.print(f"wrote {product_dir}  (use --data-root {root} --product {product})")
 
 
-@data_app.command(
-    "info", epilog="Example:  edge-ad data info -p candle --data-root /data/visa"
-)
+@data_app.command("info", epilog="Example:  edge-ad data info -p candle --data-root /data/visa")
 def data_info(
     product: ProductOpt,
     data_root: DataRootOpt = None,

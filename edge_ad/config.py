@@ -60,6 +60,9 @@ class AutoencoderConfig(_Section):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(4.5e-4, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
+    crop_size: int | None = Field(
+        128, ge=32, description="Train on random crops of this side (None = full frames)."
+    )
 
 
 class UNetConfig(_Section):
@@ -105,7 +108,8 @@ class MapConfig(_Section):
 
 class AdaptConfig(_Section):
     epochs: int = Field(2, ge=0, le=3)
-    lr: float = Field(1e-5, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
     anchor_weight: float = Field(
         1.0, ge=0, description="Weight of the frozen-teacher anchor (0 = no anchor)."
     )
@@ -156,7 +160,11 @@ _PROFILE_OVERRIDES: dict[str, dict[str, Any]] = {
     # Seconds on a laptop: tests and CI. Quality is only "clearly above chance".
     "tiny": {
         "data": {"image_size": 64, "max_train_images": 48},
-        "autoencoder": {"block_out_channels": (16, 32, 32, 32), "epochs": 6, "batch_size": 8},
+        "autoencoder": {
+            "block_out_channels": (16, 32, 32, 32),
+            "epochs": 6,
+            "crop_size": None,
+        },
         "unet": {"block_out_channels": (32, 64), "attention": False, "epochs": 8},
         "severity": {"pool_size": 4},
         "adapt": {"epochs": 1},

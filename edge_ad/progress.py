@@ -18,6 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from edge_ad.d3ad.observer import FitObserver
+
 ProgressFn = Callable[[int, int], None]
 
 
@@ -43,3 +45,23 @@ def progress_callback(description: str) -> Iterator[ProgressFn]:
             progress.update(task, completed=done, total=total)
 
         yield update
+
+
+class RichFitObserver(FitObserver):
+    """A training observer that shows one progress bar per stage with the running loss."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def stage_start(self, stage: str, total: int) -> None:
+        self.tasks[stage] = self.progress.add_task(stage, total=max(total, 1))
+
+    def advance(self, stage: str, n: int = 1, **metrics: float) -> None:
+        text = stage + "".join(f" {k}={v:.4f}" for k, v in metrics.items())
+        self.progress.update(self.tasks[stage], advance=n, description=text)
+
+    def stage_end(self, stage: str, metrics: dict[str, float]) -> None:
+        task = self.tasks[stage]
+        total = self.progress.tasks[task].total
+        self.progress.update(task, completed=total, description=f"{stage} [green]done[/]")

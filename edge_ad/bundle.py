@@ -1,0 +1,191 @@
+"""A trained detector as one directory: what ``eval``, ``infer``, MLflow and Serve all load.
+
+Layout::
+
+    <bundle>/
+      bundle.json          format version, method, product, threshold, settings, the
+                           autoencoder/UNet configs, backbone name/layers, metrics
+      weights.safetensors  vae.*, unet.*, backbone.* (the adapted φ)
+      state.safetensors    severity.* (train vectors, bin edges, distances), normalizer.*
+
+Everything is JSON or safetensors, so loading a bundle never unpickles anything: a bundle
+that arrived over the network cannot run code. The detector is rebuilt from the bundle alone
+(no hub, no packaged backbone weights needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DModel
+from safetensors.torch import load_file, save_file
+
+import edge_ad
+from edge_ad.config import settings_from_dict
+from edge_ad.d3ad.anomaly_map import MapNormalizer
+from edge_ad.d3ad.detector import D3AD, resolve_device
+from edge_ad.d3ad.severity import SeverityIndex
+from edge_ad.errors import EdgeADError
+from edge_ad.models.backbone import FeatureBackbone
+
+FORMAT = "edge-ad-bundle"
+FORMAT_VERSION = 1
+META_FILE, WEIGHTS_FILE, STATE_FILE = "bundle.json", "weights.safetensors", "state.safetensors"
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the detector plus what is known about it."""
+
+    detector: D3AD
+    product: str
+    method: str = "d3ad"
+    metrics: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _prefixed(prefix: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        tensor = torch.as_tensor(np.asarray(value)) if not torch.is_tensor(value) else value
+        out[f"{prefix}.{key}"] = tensor.detach().cpu().contiguous().clone()
+    return out
+
+
+def _strip(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    start = len(prefix) + 1
+    return {k[start:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def save_bundle(
+    detector: D3AD,
+    path: str | Path,
+    product: str,
+    metrics: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``detector`` to directory ``path`` (created; files inside are replaced)."""
+    if not detector.is_fitted:
+        raise EdgeADError("cannot save an untrained detector")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = (
+        _prefixed("vae", detector.codec.vae.state_dict())
+        | _prefixed("unet", detector.unet.state_dict())
+        | _prefixed("backbone", detector.backbone.model.state_dict())
+    )
+    state = _prefixed("severity", detector.severity.state_dict()) | _prefixed(
+        "normalizer", detector.normalizer.to_arrays()
+    )
+    save_file(weights, str(path / WEIGHTS_FILE))
+    save_file(state, str(path / STATE_FILE))
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": "d3ad",
+        "product": product,
+        "threshold": detector.threshold,
+        "scaling_factor": detector.codec.scaling_factor,
+        "settings": detector.settings.to_dict(),
+        "vae_config": dict(detector.codec.vae.config),
+        "unet_config": dict(detector.unet.config),
+        "backbone": {
+            "name": detector.backbone.name,
+            "layers": list(detector.backbone.layers),
+            "weights_source": detector.backbone.weights_source,
+        },
+        "metrics": metrics or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "edge_ad_version": edge_ad.__version__,
+        **(extra or {}),
+    }
+    (path / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, tuple | set):
+        return list(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The bundle's ``bundle.json`` (checked to be an edge-ad bundle)."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise EdgeADError(
+            f"{path} is not a model bundle (no {META_FILE}); train one with "
+            "`edge-ad train --output DIR`"
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise EdgeADError(f"{meta_file} is not valid JSON: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise EdgeADError(f"{path} is not an edge-ad bundle (format {meta.get('format')!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise EdgeADError(
+            f"{path} was written by a newer edge-ad (bundle format "
+            f"{meta['format_version']}); upgrade edge-ad to load it"
+        )
+    return meta
+
+
+def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
+    """Rebuild the detector saved by :func:`save_bundle`, on ``device``."""
+    path = Path(path)
+    meta = read_meta(path)
+    for name in (WEIGHTS_FILE, STATE_FILE):
+        if not (path / name).is_file():
+            raise EdgeADError(f"bundle {path} is incomplete: {name} is missing")
+    settings = settings_from_dict(meta["settings"])
+    vae = AutoencoderKL.from_config(_config_without_private(meta["vae_config"]))
+    unet = UNet2DModel.from_config(_config_without_private(meta["unet_config"]))
+    backbone = FeatureBackbone(meta["backbone"]["name"], meta["backbone"]["layers"], weights=None)
+    backbone.weights_source = meta["backbone"].get("weights_source", "bundle")
+    weights = load_file(str(path / WEIGHTS_FILE))
+    state = load_file(str(path / STATE_FILE))
+    vae.load_state_dict(_strip("vae", weights))
+    unet.load_state_dict(_strip("unet", weights))
+    backbone.model.load_state_dict(_strip("backbone", weights))
+    severity = SeverityIndex.from_state(
+        {k: v.numpy() for k, v in _strip("severity", state).items()}
+    )
+    normalizer = MapNormalizer.from_arrays(_strip("normalizer", state))
+    threshold = meta.get("threshold")
+    detector = D3AD(
+        settings,
+        vae,
+        unet,
+        backbone,
+        severity,
+        normalizer,
+        threshold=math.nan if threshold is None else float(threshold),
+    )
+    detector.codec.scaling_factor = float(meta["scaling_factor"])
+    detector.eval().requires_grad_(False)
+    detector.to(resolve_device(device))
+    return Bundle(
+        detector=detector,
+        product=meta["product"],
+        method=meta.get("method", "d3ad"),
+        metrics=meta.get("metrics", {}),
+        meta=meta,
+        path=path,
+    )
+
+
+def _config_without_private(config: dict[str, Any]) -> dict[str, Any]:
+    # diffusers configs carry bookkeeping keys (_class_name, _diffusers_version, ...).
+    return {k: v for k, v in config.items() if not k.startswith("_")}

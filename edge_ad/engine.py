@@ -1,0 +1,230 @@
+"""The operations the CLI exposes, as plain functions: train, evaluate, infer.
+
+Each takes paths and settings, does one job end to end, and returns data (a bundle path, a
+report dict, verdicts). No printing here: progress goes through observers/callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from edge_ad import metrics
+from edge_ad.bundle import Bundle, load_bundle, save_bundle
+from edge_ad.config import Settings
+from edge_ad.d3ad.detector import D3AD, Prediction
+from edge_ad.d3ad.observer import FitObserver, HistoryObserver, ObserverGroup
+from edge_ad.data import load_dataset, load_images, load_masks, read_image, split_train_val
+from edge_ad.data.samples import Sample
+from edge_ad.errors import EdgeADError
+from edge_ad.paths import edge_home
+from edge_ad.visualize import defect_regions, heatmap_overlay, side_by_side
+
+Progress = Callable[[int, int], None]
+
+
+def default_model_dir(product: str) -> Path:
+    return edge_home() / "models" / product
+
+
+def as_chw(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) → uint8 tensor (N, 3, H, W) (kept uint8: 4× less memory)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def _subsample(samples: Sequence[Sample], limit: int | None, seed: int) -> tuple[Sample, ...]:
+    if limit is None or len(samples) <= limit:
+        return tuple(samples)
+    keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=limit, replace=False))
+    return tuple(samples[i] for i in keep)
+
+
+@dataclass
+class TrainResult:
+    bundle_path: Path
+    detector: D3AD
+    summary: dict[str, float]
+    history: HistoryObserver
+    n_train: int
+    n_val: int
+
+
+def train_product(
+    product: str,
+    data_root: str | Path,
+    settings: Settings,
+    output: str | Path | None = None,
+    layout: str = "auto",
+    observer: FitObserver | None = None,
+    load_progress: Progress | None = None,
+) -> TrainResult:
+    """Train D3AD on the product's normal training images and save the bundle."""
+    dataset = load_dataset(data_root, product, layout)
+    d = settings.data
+    train_samples, val_samples = split_train_val(dataset.train, d.val_fraction, d.seed)
+    train_samples = _subsample(train_samples, d.max_train_images, d.seed)
+    start = time.perf_counter()
+    images = load_images((*train_samples, *val_samples), d.image_size, load_progress)
+    train_images = as_chw(images[: len(train_samples)])
+    val_images = as_chw(images[len(train_samples) :])
+    history = HistoryObserver()
+    detector = D3AD.build(settings)
+    summary = detector.fit(train_images, val_images, ObserverGroup(observer, history))
+    summary["train_minutes"] = (time.perf_counter() - start) / 60.0
+    path = Path(output) if output is not None else default_model_dir(product)
+    extra = {
+        "dataset": {
+            "root": str(dataset.root),
+            "layout": dataset.layout,
+            "n_train": len(train_samples),
+            "n_val": len(val_samples),
+        }
+    }
+    save_bundle(detector, path, product, metrics=summary, extra=extra)
+    return TrainResult(path, detector, summary, history, len(train_samples), len(val_samples))
+
+
+def resolve_model(model: str | Path, device: str = "auto") -> Bundle:
+    """A bundle from a directory (``models:/`` URIs are handled by the registry)."""
+    text = str(model)
+    if text.startswith("models:/"):
+        from edge_ad.registry import load_registered_bundle
+
+        return load_registered_bundle(text, device=device)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise EdgeADError(f"model {path} does not exist; train one with `edge-ad train`")
+    return load_bundle(path, device=device)
+
+
+def evaluate(
+    bundle: Bundle,
+    data_root: str | Path,
+    product: str | None = None,
+    layout: str = "auto",
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> dict:
+    """Score the test split; return the report (DESIGN.md keys plus diagnostics)."""
+    product = product or bundle.product
+    detector = bundle.detector
+    size = detector.settings.data.image_size
+    dataset = load_dataset(data_root, product, layout)
+    samples = dataset.test
+    if not samples:
+        raise EdgeADError(f"product {product!r} has no test images under {dataset.root}")
+    images = as_chw(load_images(samples, size))
+    labels = np.array([s.label for s in samples])
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    pred = detector.predict_many(images, batch_size, progress, timings)
+    seconds = time.perf_counter() - start
+    scores = pred.scores.numpy()
+    report: dict = {
+        "product": product,
+        "images": len(samples),
+        "image_auroc": metrics.image_auroc(labels, scores),
+        "f1_max": metrics.f1_max(labels, scores),
+        "seconds_per_image": seconds / len(samples),
+    }
+    masked = [s.mask_path is not None or s.label == 0 for s in samples]
+    if any(s.mask_path is not None for s in samples):
+        keep = np.flatnonzero(masked)
+        masks = load_masks([samples[i] for i in keep], size)
+        maps = pred.maps.numpy()[keep]
+        report["pixel_auroc"] = metrics.pixel_auroc(masks, maps)
+        report["pro"] = metrics.aupro(masks, maps)
+        report["pixel_ap"] = metrics.pixel_ap(masks, maps)
+    else:
+        report.update(pixel_auroc=None, pro=None, pixel_ap=None)
+    report |= _diagnostics(samples, labels, pred, detector.threshold, timings)
+    return report
+
+
+def _diagnostics(
+    samples: Sequence[Sample],
+    labels: np.ndarray,
+    pred: Prediction,
+    threshold: float,
+    timings: dict[str, float],
+) -> dict:
+    """Threshold behaviour, per-defect-type AUROC and the T̂ chosen for normal vs defects."""
+    scores, flagged = pred.scores.numpy(), pred.is_anomalous.numpy()
+    t_hat = pred.timesteps.numpy()
+    types = sorted({s.defect_type for s in samples if s.label == 1})
+    per_type = {}
+    for t in types:
+        idx = [i for i, s in enumerate(samples) if s.defect_type == t or s.label == 0]
+        per_type[t] = metrics.image_auroc(labels[idx], scores[idx])
+
+    def histogram(mask: np.ndarray) -> dict[str, int]:
+        values, counts = np.unique(t_hat[mask], return_counts=True)
+        return {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)}
+
+    n = len(samples)
+    return {
+        "threshold": threshold,
+        "recall_at_threshold": float(flagged[labels == 1].mean()) if (labels == 1).any() else None,
+        "false_positive_rate_at_threshold": float(flagged[labels == 0].mean())
+        if (labels == 0).any()
+        else None,
+        "image_auroc_by_type": per_type,
+        "timesteps": {"normal": histogram(labels == 0), "defect": histogram(labels == 1)},
+        "ms_per_image_by_stage": {k: 1000.0 * v / n for k, v in timings.items()},
+    }
+
+
+def infer_images(
+    bundle: Bundle,
+    paths: Sequence[str | Path],
+    out: str | Path,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """Score image files; write ``<stem>.png`` (input | reconstruction | overlay) and
+    ``<stem>.json`` per image into ``out``; return the verdicts."""
+    detector = bundle.detector
+    size = detector.settings.data.image_size
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    verdicts = []
+    for start in range(0, len(paths), batch_size):
+        chunk = [Path(p) for p in paths[start : start + batch_size]]
+        originals = [read_image(p, size) for p in chunk]
+        t0 = time.perf_counter()
+        pred = detector.predict(as_chw(np.stack(originals)), return_reconstruction=True)
+        latency_ms = 1000.0 * (time.perf_counter() - t0) / len(chunk)
+        assert pred.reconstructions is not None
+        recon = (pred.reconstructions.permute(0, 2, 3, 1).add(1).mul(127.5)).clamp(0, 255)
+        recon_u8 = recon.round().to(torch.uint8).numpy()
+        for i, path in enumerate(chunk):
+            amap = pred.maps[i].numpy()
+            regions = defect_regions(amap, detector.threshold)
+            overlay = heatmap_overlay(originals[i], amap, detector.threshold, regions)
+            Image.fromarray(side_by_side(originals[i], recon_u8[i], overlay)).save(
+                out / f"{path.stem}.png"
+            )
+            verdict = {
+                "image": str(path),
+                "product": bundle.product,
+                "score": float(pred.scores[i]),
+                "threshold": detector.threshold,
+                "is_anomalous": bool(pred.is_anomalous[i]),
+                "timestep": int(pred.timesteps[i]),
+                "severity_distance": float(pred.distances[i]),
+                "boxes": regions,
+                "latency_ms": latency_ms,
+                "overlay": str(out / f"{path.stem}.png"),
+            }
+            (out / f"{path.stem}.json").write_text(json.dumps(verdict, indent=2))
+            verdicts.append(verdict)
+        if progress:
+            progress(min(start + batch_size, len(paths)), len(paths))
+    return verdicts

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_ad.config import PROFILES, Settings, load_settings, settings_from_dict
+from edge_ad.errors import ConfigError
+
+
+def test_profiles_differ_where_they_should() -> None:
+    tiny, cpu, paper = (load_settings(p) for p in PROFILES)
+    assert tiny.data.image_size < cpu.data.image_size
+    assert tiny.unet.epochs < cpu.unet.epochs < paper.unet.epochs
+    assert paper.backbone.name == "resnet34"
+    assert paper.autoencoder.pretrained == "stabilityai/sd-vae-ft-mse"
+    # The paper's D3AD constants are shared by every profile.
+    for s in (tiny, cpu, paper):
+        assert (s.severity.k, s.severity.num_bins, s.severity.t_max) == (20, 10, 80)
+        assert (s.anomaly_map.lam, s.anomaly_map.sigma, s.reconstruct.steps) == (0.85, 4.0, 10)
+        assert (s.unet.beta_start, s.unet.beta_end) == (0.0015, 0.0195)
+
+
+def test_yaml_then_overrides_layer_in_order(tmp_path: Path) -> None:
+    cfg = tmp_path / "line.yaml"
+    cfg.write_text("unet:\n  epochs: 7\n  lr: 0.0002\nseverity:\n  t_max: 120\n")
+    s = load_settings("tiny", cfg, ["unet.epochs=9", "reconstruct.eta=0"])
+    assert s.unet.epochs == 9  # override beats file
+    assert s.unet.lr == 0.0002  # file beats profile
+    assert s.severity.t_max == 120
+    assert s.reconstruct.eta == 0.0
+    assert s.data.image_size == 64  # untouched profile value survives
+
+
+def test_round_trip_through_dict() -> None:
+    s = load_settings("cpu", overrides=["adapt.epochs=3"])
+    again = settings_from_dict(s.to_dict())
+    assert again == s
+    assert again.flat()["adapt.epochs"] == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["unet.epoch=3"], "unet.epoch"),
+        (["data.image_size=100"], "multiple of 32"),
+        (["adapt.epochs=9"], "adapt.epochs"),
+        (["novalue"], "section.key=value"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings("cpu", overrides=overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_profile_and_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown profile"):
+        load_settings("huge")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings("cpu", tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("unet: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings("cpu", bad)
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError
+        s.unet.epochs = 3  # type: ignore[misc]
