@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -28,12 +27,12 @@ err_console = Console(stderr=True)
 class _Group(TyperGroup):
     """Turns user-facing errors into one red line and an exit code, for every subcommand."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except EdgeADError as err:
             err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise click.exceptions.Exit(err.exit_code) from None
+            raise typer.Exit(err.exit_code) from None
 
 
 app = typer.Typer(

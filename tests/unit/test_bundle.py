@@ -1,0 +1,117 @@
+"""Detector + bundle: a tiny D3AD fitted on generated frames, saved, reloaded, compared."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_ad.bundle import load_bundle, read_meta, save_bundle
+from edge_ad.config import load_settings
+from edge_ad.d3ad.detector import D3AD
+from edge_ad.d3ad.observer import HistoryObserver
+from edge_ad.errors import EdgeADError
+
+
+def _frames(n: int, seed: int) -> torch.Tensor:
+    """A fixed 'product' (smooth pattern) with small per-frame noise, uint8 (N, 3, 64, 64)."""
+    g = torch.Generator().manual_seed(0)
+    base = (
+        torch.nn.functional.interpolate(
+            torch.rand(1, 3, 8, 8, generator=g), size=64, mode="bilinear"
+        )
+        * 255
+    )
+    noise = torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 4
+    return (base + noise).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[D3AD, HistoryObserver]:
+    settings = load_settings(
+        "tiny", overrides=["autoencoder.epochs=2", "unet.epochs=2", "adapt.epochs=1"]
+    )
+    detector = D3AD.build(settings)
+    history = HistoryObserver()
+    detector.fit(_frames(24, 1), _frames(6, 2), history)
+    return detector, history
+
+
+def test_fit_runs_every_stage_and_calibrates(fitted: tuple[D3AD, HistoryObserver]) -> None:
+    detector, history = fitted
+    assert set(history.stages) == {"autoencoder", "unet", "adaptation", "knn", "calibration"}
+    assert len(history.epochs["autoencoder"]) == 2 and len(history.epochs["unet"]) == 2
+    assert detector.is_fitted and np.isfinite(detector.threshold)
+    # The threshold is the calibration quantile of validation-normal scores: at most their max.
+    assert detector.threshold <= history.stages["calibration"]["val_score_max"] + 1e-6
+
+
+def test_predict_shapes_and_timesteps(fitted: tuple[D3AD, HistoryObserver]) -> None:
+    detector, _ = fitted
+    pred = detector.predict(_frames(3, 7), return_reconstruction=True)
+    assert pred.scores.shape == (3,) and pred.maps.shape == (3, 64, 64)
+    assert pred.reconstructions is not None and pred.reconstructions.shape == (3, 3, 64, 64)
+    assert set(pred.timesteps.tolist()) <= set(detector.timestep_choices())
+    assert torch.equal(pred.scores, pred.maps.flatten(1).amax(1))
+    assert torch.equal(pred.is_anomalous, pred.scores >= detector.threshold)
+
+
+def test_blacked_out_region_gets_a_deeper_timestep(fitted: tuple[D3AD, HistoryObserver]) -> None:
+    detector, _ = fitted
+    normal = _frames(4, 9)
+    broken = normal.clone()
+    broken[:, :, 8:56, 8:56] = 0  # a large 'missing component'
+    t_normal = detector.predict(normal).timesteps.float().mean()
+    t_broken = detector.predict(broken).timesteps
+    assert (t_broken == detector.settings.severity.t_max).all()
+    assert t_broken.float().mean() > t_normal
+
+
+def test_wrong_frame_size_is_a_clear_error(fitted: tuple[D3AD, HistoryObserver]) -> None:
+    detector, _ = fitted
+    with pytest.raises(EdgeADError, match="expected frames of shape"):
+        detector.predict(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_bundle_round_trip_gives_identical_scores(
+    fitted: tuple[D3AD, HistoryObserver], tmp_path: Path
+) -> None:
+    detector, _ = fitted
+    path = save_bundle(detector, tmp_path / "b", "widget", metrics={"image_auroc": 0.9})
+    meta = read_meta(path)
+    assert meta["product"] == "widget" and meta["method"] == "d3ad"
+    assert meta["settings"]["profile"] == "tiny"
+    loaded = load_bundle(path, device="cpu")
+    frames = _frames(4, 11)
+    a, b = detector.predict(frames), loaded.detector.predict(frames)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+    assert torch.equal(a.timesteps, b.timesteps)
+    assert loaded.detector.threshold == detector.threshold
+    assert loaded.metrics == {"image_auroc": 0.9}
+    # Only JSON and safetensors: nothing in a bundle is unpickled.
+    assert sorted(p.name for p in path.iterdir()) == [
+        "bundle.json",
+        "state.safetensors",
+        "weights.safetensors",
+    ]
+
+
+def test_not_a_bundle_and_newer_format_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(EdgeADError, match="not a model bundle"):
+        load_bundle(tmp_path)
+    (tmp_path / "bundle.json").write_text(
+        json.dumps({"format": "edge-ad-bundle", "format_version": 99})
+    )
+    with pytest.raises(EdgeADError, match="newer edge-ad"):
+        load_bundle(tmp_path)
+
+
+def test_untrained_detector_refuses_to_predict_or_save(tmp_path: Path) -> None:
+    detector = D3AD.build(load_settings("tiny"))
+    with pytest.raises(EdgeADError, match="not trained"):
+        detector.predict(_frames(1, 0))
+    with pytest.raises(EdgeADError, match="untrained"):
+        save_bundle(detector, tmp_path / "x", "p")

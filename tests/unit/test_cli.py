@@ -1,0 +1,184 @@
+"""The command line: help texts, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    """The real console entry point in a subprocess (what a user's shell sees)."""
+    env = {**os.environ, "EDGE_AD_HOME": str(home), "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-c", "from cli import app; app()", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_help_lists_the_command_tree() -> None:
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for command in (
+        "train",
+        "eval",
+        "infer",
+        "promote",
+        "serve",
+        "replay",
+        "broker",
+        "demo",
+        "data",
+    ):
+        assert f" {command} " in result.output, command
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "train",
+        "eval",
+        "infer",
+        "promote",
+        "serve",
+        "replay",
+        "broker",
+        "demo",
+        "data synth",
+        "data info",
+        "data download",
+    ],
+)
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+
+
+def test_unknown_product_is_one_clear_line(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("train", "--product", "nope", "--data-root", str(empty), home=tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "nope" in lines[0] and "not found" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_missing_data_root_and_bad_layout(tmp_path: Path) -> None:
+    result = run_cli("train", "-p", "x", "--data-root", str(tmp_path / "nowhere"), home=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "nowhere" in result.stderr
+    result = run_cli("data", "info", "-p", "x", "--layout", "coco", home=tmp_path)
+    assert result.returncode != 0 and "unknown layout" in result.stderr
+
+
+def test_bad_setting_is_a_clear_error(synth_root: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "train",
+        "-p",
+        "synth-pcb",
+        "--data-root",
+        str(synth_root),
+        "--set",
+        "unet.epoch=3",
+        home=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "unet.epoch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_not_yet_available_commands_exit_2_without_fake_output(tmp_path: Path) -> None:
+    for args in (["serve"], ["broker"], ["promote", "-p", "x"], ["verdicts"]):
+        result = run_cli(*args, home=tmp_path)
+        assert result.returncode == 2, args
+        assert "not available yet" in result.stderr
+        assert result.stdout.strip() == ""
+
+
+def test_missing_model_and_images(tmp_path: Path) -> None:
+    result = run_cli(
+        "infer",
+        "--model",
+        str(tmp_path),
+        str(tmp_path / "a.png"),
+        "--out",
+        str(tmp_path / "o"),
+        home=tmp_path,
+    )
+    assert result.returncode != 0 and "image not found" in result.stderr
+    img = tmp_path / "a.png"
+    img.write_bytes(b"not really a png")
+    result = run_cli(
+        "infer",
+        "--model",
+        str(tmp_path / "m"),
+        str(img),
+        "--out",
+        str(tmp_path / "o"),
+        home=tmp_path,
+    )
+    assert result.returncode != 0 and "does not exist" in result.stderr
+
+
+def test_data_synth_then_info_reads_it_back(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "synth",
+            "-p",
+            "widget",
+            "--out",
+            str(out),
+            "--image-size",
+            "64",
+            "--train",
+            "4",
+            "--test-good",
+            "2",
+            "--per-defect",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["data", "info", "-p", "widget", "--data-root", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["layout"] == "mvtec"
+    assert summary["n_train"] == 4 and summary["n_test_normal"] == 2
+    assert summary["n_test_anomalous"] == 5 and summary["n_test_masks"] == 5
+    # A second run refuses to overwrite, with one line.
+    result = runner.invoke(app, ["data", "synth", "-p", "widget", "--out", str(out)])
+    assert result.exit_code != 0 and "overwrite" in result.output
+
+
+def test_download_offline_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli(
+        "data",
+        "download",
+        "visa",
+        "--to",
+        str(tmp_path / "visa"),
+        "--url",
+        "http://127.0.0.1:9/VisA_20220922.tar",
+        home=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "could not download" in result.stderr and "Traceback" not in result.stderr
