@@ -181,6 +181,13 @@ def _diagnostics(
     }
 
 
+def _output_names(paths: Sequence[Path]) -> list[str]:
+    """File stems, prefixed with their folder where two images share a stem (MVTec's
+    test/crack/000.png and test/good/000.png must not overwrite each other's heatmap)."""
+    stems = [p.stem for p in paths]
+    return [f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+
+
 def infer_images(
     bundle: Bundle,
     paths: Sequence[str | Path],
@@ -195,6 +202,7 @@ def infer_images(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     verdicts = []
+    names = _output_names([Path(p) for p in paths])
     for start in range(0, len(paths), batch_size):
         chunk = [Path(p) for p in paths[start : start + batch_size]]
         originals = [read_image(p, size) for p in chunk]
@@ -205,11 +213,12 @@ def infer_images(
         recon = (pred.reconstructions.permute(0, 2, 3, 1).add(1).mul(127.5)).clamp(0, 255)
         recon_u8 = recon.round().to(torch.uint8).numpy()
         for i, path in enumerate(chunk):
+            name = names[start + i]
             amap = pred.maps[i].numpy()
             regions = defect_regions(amap, detector.threshold)
             overlay = heatmap_overlay(originals[i], amap, detector.threshold, regions)
             Image.fromarray(side_by_side(originals[i], recon_u8[i], overlay)).save(
-                out / f"{path.stem}.png"
+                out / f"{name}.png"
             )
             verdict = {
                 "image": str(path),
@@ -221,9 +230,9 @@ def infer_images(
                 "severity_distance": float(pred.distances[i]),
                 "boxes": regions,
                 "latency_ms": latency_ms,
-                "overlay": str(out / f"{path.stem}.png"),
+                "overlay": str(out / f"{name}.png"),
             }
-            (out / f"{path.stem}.json").write_text(json.dumps(verdict, indent=2))
+            (out / f"{name}.json").write_text(json.dumps(verdict, indent=2))
             verdicts.append(verdict)
         if progress:
             progress(min(start + batch_size, len(paths)), len(paths))
