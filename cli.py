@@ -331,7 +331,7 @@ def demo(
     data_root, model_dir, out_dir = work / "data", work / "models" / product, work / "heatmaps"
     size = settings.data.image_size
     console.rule(f"[bold]1/4 generate[/] a synthetic product '{product}' ({size}px)")
-    spec = SynthSpec(image_size=size, n_train=60, n_test_good=20, n_test_per_defect=8, seed=seed)
+    spec = SynthSpec(image_size=size, n_train=80, n_test_good=30, n_test_per_defect=10, seed=seed)
     with progress_callback("synthesising") as callback:
         generate_dataset(product, data_root, spec, progress=callback, overwrite=True)
     console.rule(f"[bold]2/4 train[/] D3AD, profile {profile}")
@@ -351,6 +351,8 @@ def demo(
         f"image AUROC {report['image_auroc']:.3f} · pixel AUROC {report['pixel_auroc']:.3f} · "
         f"PRO {report['pro']:.3f} · {1000 * report['seconds_per_image']:.0f} ms/image"
     )
+    by_type = ", ".join(f"{k} {v:.2f}" for k, v in report["image_auroc_by_type"].items())
+    console.print(f"image AUROC by defect type: {by_type}")
     console.print(
         f"T̂ chosen: normal {report['timesteps']['normal']}, defect {report['timesteps']['defect']}"
     )

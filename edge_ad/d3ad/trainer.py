@@ -98,7 +98,8 @@ def train_unet(
     for epoch in range(cfg.epochs):
         total, batches = 0.0, _batches(len(latents), cfg.batch_size, generator)
         for idx in batches:
-            loss = diffusion_loss(unet, scheduler, latents[idx].to(device), noise_generator)
+            z0 = latents[idx].to(device)
+            loss = diffusion_loss(unet, scheduler, z0, noise_generator, cfg.max_train_timestep)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -99,15 +99,20 @@ def diffusion_loss(
     scheduler: DDPMScheduler,
     z0: torch.Tensor,
     generator: torch.Generator | None = None,
+    max_timestep: int | None = None,
 ) -> torch.Tensor:
     """Simple latent DDPM loss (paper Eq. 6): MSE between ε and ε_θ(√ᾱ_t z0 + √(1−ᾱ_t) ε, t).
 
-    t is drawn uniformly from [0, T) per sample. ``generator`` (on z0's device or the CPU)
+    t is drawn uniformly from [0, T) per sample, or from [0, ``max_timestep``) when given:
+    D3AD only ever denoises from T̂ ≤ T_max (80), so on a CPU budget the training steps are
+    better spent on the timesteps inference uses. ``generator`` (on z0's device or the CPU)
     makes t and ε reproducible, e.g. for a fixed validation loss.
     """
     n = z0.shape[0]
     gen_device = generator.device if generator is not None else z0.device
     steps = scheduler.config.num_train_timesteps
+    if max_timestep is not None:
+        steps = max(1, min(int(max_timestep), steps))
     t = torch.randint(0, steps, (n,), generator=generator, device=gen_device).to(z0.device)
     noise = torch.randn(z0.shape, generator=generator, device=gen_device, dtype=z0.dtype)
     noise = noise.to(z0.device)
