@@ -1,0 +1,1 @@
+"""Streaming: frame/verdict schema, Kafka helpers and the embedded broker (issue 6)."""

@@ -1,0 +1,1 @@
+"""Ray programs: distributed training (Ray Train) and the streaming graph (Ray Serve)."""
