@@ -186,6 +186,18 @@ def scan_layout(data_root: str | Path, product: str, layout: str, **folder_optio
     raise ValueError(f"scan_layout needs a concrete layout, got {layout!r}")
 
 
+def _require_layout_dir(folder: Path, root: Path, product: str, layout: str) -> None:
+    """``folder`` must exist: else the product is unknown, or in another layout."""
+    if folder.is_dir():
+        return
+    pdir = root / product
+    if not pdir.is_dir():
+        raise _unknown_product(root, product)
+    raise DatasetError(
+        f"{folder} not found, so {pdir} is not in {layout}; fix the folders or use --layout auto"
+    )
+
+
 def _require_training_images(images: list[Path], folder: Path) -> None:
     if not images:
         raise DatasetError(
@@ -212,13 +224,12 @@ def scan_mvtec(root: Path, product: str) -> Scan:
     """MVTec layout (see the module docstring for the mask policy)."""
     pdir = root / product
     train_dir = pdir / "train" / GOOD
-    if not train_dir.is_dir():
-        if not pdir.is_dir():
-            raise _unknown_product(root, product)
-        raise DatasetError(
-            f"{train_dir} not found, so {pdir} is not in MVTec layout (P/train/good, "
-            "P/test/<type>, P/ground_truth/<type>); fix the folders or use --layout auto"
-        )
+    _require_layout_dir(
+        train_dir,
+        root,
+        product,
+        "MVTec layout (P/train/good, P/test/<type>, P/ground_truth/<type>)",
+    )
     train_images = list_images(train_dir)
     _require_training_images(train_images, train_dir)
     train = tuple(Sample(p, 0, GOOD, None) for p in train_images)
@@ -340,13 +351,9 @@ def scan_folder(
     of the good images (at least one when there are two or more) goes to test."""
     pdir = root / product
     good_dir = pdir / GOOD
-    if not good_dir.is_dir():
-        if not pdir.is_dir():
-            raise _unknown_product(root, product)
-        raise DatasetError(
-            f"{good_dir} not found, so {pdir} is not in folder layout (P/good plus one folder "
-            "per defect type); fix the folders or use --layout auto"
-        )
+    _require_layout_dir(
+        good_dir, root, product, "folder layout (P/good plus one folder per defect type)"
+    )
     good_images = list_images(good_dir)
     _require_training_images(good_images, good_dir)
     normals = [Sample(p, 0, GOOD, None) for p in good_images]

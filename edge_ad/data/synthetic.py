@@ -170,6 +170,19 @@ def _area(r: Rect) -> float:
     return (r[2] - r[0]) * (r[3] - r[1])
 
 
+def _chamfered_outline(box: tuple[float, ...], chamfer: float) -> list[tuple[float, float]]:
+    """Corners of a box with its two left corners cut (an electrolytic capacitor's footprint)."""
+    x0, y0, x1, y1 = box[:4]
+    return [
+        (x0 + chamfer, y0),
+        (x1, y0),
+        (x1, y1),
+        (x0 + chamfer, y1),
+        (x0, y1 - chamfer),
+        (x0, y0 + chamfer),
+    ]
+
+
 def _grow(r: Rect, d: float) -> Rect:
     return (r[0] - d, r[1] - d, r[2] + d, r[3] + d)
 
@@ -691,14 +704,7 @@ def _draw_bare(lay: _Layout, pa: _Painter, rng: np.random.Generator) -> np.ndarr
         elif part.kind == "elcap":
             g = _grow(part.body, 0.01)
             ch = 0.035
-            poly = [
-                (g[0] + ch, g[1]),
-                (g[2], g[1]),
-                (g[2], g[3]),
-                (g[0] + ch, g[3]),
-                (g[0], g[3] - ch),
-                (g[0], g[1] + ch),
-            ]
+            poly = _chamfered_outline(g, ch)
             pa.line(img, [*poly, poly[0]], _SILK, silk_t)
             px_, py_ = g[0] - 0.018, g[1] + 0.01
             pa.line(img, [(px_ - 0.01, py_), (px_ + 0.01, py_)], _SILK, silk_t)
@@ -764,20 +770,7 @@ def _draw_part(img: np.ndarray, pa: _Painter, part: _Part) -> None:
             pa.rect(img, pin, _PIN)
         g = _grow(b, 0.0)
         ch = 0.03
-        poly = np.array(
-            [
-                pa.pt(*p)
-                for p in (
-                    (g[0] + ch, g[1]),
-                    (g[2], g[1]),
-                    (g[2], g[3]),
-                    (g[0] + ch, g[3]),
-                    (g[0], g[3] - ch),
-                    (g[0], g[1] + ch),
-                )
-            ],
-            dtype=np.int32,
-        )
+        poly = np.array([pa.pt(*p) for p in _chamfered_outline(g, ch)], dtype=np.int32)
         cv2.fillPoly(img, [poly], (0.16, 0.15, 0.14))
         r = 0.47 * (b[2] - b[0])
         sl = pa.roi((cx - r, cy - r, cx + r, cy + r))
