@@ -23,7 +23,7 @@ from edge_ad.d3ad.detector import D3AD, Prediction
 from edge_ad.d3ad.observer import FitObserver, HistoryObserver, ObserverGroup
 from edge_ad.data import load_dataset, load_images, load_masks, read_image, split_train_val
 from edge_ad.data.samples import Sample
-from edge_ad.errors import EdgeADError
+from edge_ad.errors import EdgeADError, NotAvailableYet
 from edge_ad.paths import edge_home
 from edge_ad.visualize import defect_regions, heatmap_overlay, side_by_side
 
@@ -92,12 +92,13 @@ def train_product(
 
 
 def resolve_model(model: str | Path, device: str = "auto") -> Bundle:
-    """A bundle from a directory (``models:/`` URIs are handled by the registry)."""
+    """The bundle behind ``--model``: a directory (registry URIs arrive with issue 5)."""
     text = str(model)
     if text.startswith("models:/"):
-        from edge_ad.registry import load_registered_bundle
-
-        return load_registered_bundle(text, device=device)
+        raise NotAvailableYet(
+            f"loading {text} from the MLflow registry is planned in issue 5; pass the bundle "
+            "directory that `edge-ad train --output DIR` wrote"
+        )
     path = Path(text).expanduser()
     if not path.exists():
         raise EdgeADError(f"model {path} does not exist; train one with `edge-ad train`")
