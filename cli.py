@@ -121,8 +121,12 @@ def train(
     output: Annotated[
         Path | None, typer.Option(help="Write the trained bundle here (default: EDGE_AD_HOME).")
     ] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Ray Train data-parallel workers.")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per worker.")] = 0,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Ray Train data-parallel workers (default 1).")
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(min=0, help="GPUs per worker (default 0).")
+    ] = None,
 ) -> None:
     """Train a D3AD model for one product on its normal images."""
     from edge_ad.config import load_settings
@@ -131,11 +135,11 @@ def train(
     from edge_ad.progress import RichFitObserver, make_progress
 
     _check_layout(layout)
-    overrides = [
-        *(set_ or []),
-        f"runtime.workers={workers}",
-        f"runtime.gpus_per_worker={gpus_per_worker}",
-    ]
+    overrides = list(set_ or [])
+    if workers is not None:
+        overrides.append(f"runtime.workers={workers}")
+    if gpus_per_worker is not None:
+        overrides.append(f"runtime.gpus_per_worker={gpus_per_worker}")
     settings = load_settings(profile, config, overrides)
     root = _data_root(data_root)
     dataset = load_dataset(root, product, layout)
@@ -143,7 +147,7 @@ def train(
         f"[bold]{product}[/]: {len(dataset.train)} normal train images ({dataset.layout} layout), "
         f"profile [bold]{settings.profile}[/], {settings.data.image_size}px"
     )
-    if workers > 1 or gpus_per_worker > 0:
+    if settings.runtime.workers > 1 or settings.runtime.gpus_per_worker > 0:
         _not_yet("train --workers/--gpus-per-worker (Ray Train)", 5)
     with make_progress() as progress:
         load = progress.add_task("loading images", total=None)
@@ -185,6 +189,8 @@ def eval(
     from edge_ad.progress import progress_callback
 
     _check_layout(layout)
+    if report.is_dir():
+        raise EdgeADError(f"--report {report} is a directory; give a file name such as report.json")
     bundle = resolve_model(model)
     with progress_callback(f"scoring {product} test images") as callback:
         result = evaluate(bundle, _data_root(data_root), product, layout, progress=callback)

@@ -16,7 +16,6 @@ that arrived over the network cannot run code. The detector is rebuilt from the 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import edge_ad
@@ -76,7 +76,10 @@ def save_bundle(
     if not detector.is_fitted:
         raise EdgeADError("cannot save an untrained detector")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EdgeADError(f"cannot write the bundle to {path}: {err.strerror}") from None
     weights = (
         _prefixed("vae", detector.codec.vae.state_dict())
         | _prefixed("unet", detector.unet.state_dict())
@@ -149,6 +152,26 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
     for name in (WEIGHTS_FILE, STATE_FILE):
         if not (path / name).is_file():
             raise EdgeADError(f"bundle {path} is incomplete: {name} is missing")
+    if meta.get("threshold") is None:
+        raise EdgeADError(f"bundle {path} has no calibrated threshold; train it again")
+    try:
+        detector = _rebuild(path, meta)
+    except (KeyError, RuntimeError, ValueError, SafetensorError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise EdgeADError(f"bundle {path} is corrupt or incompatible: {reason}") from None
+    detector.eval().requires_grad_(False)
+    detector.to(resolve_device(device))
+    return Bundle(
+        detector=detector,
+        product=meta["product"],
+        method=meta.get("method", "d3ad"),
+        metrics=meta.get("metrics", {}),
+        meta=meta,
+        path=path,
+    )
+
+
+def _rebuild(path: Path, meta: dict[str, Any]) -> D3AD:
     settings = settings_from_dict(meta["settings"])
     vae = AutoencoderKL.from_config(_config_without_private(meta["vae_config"]))
     unet = UNet2DModel.from_config(_config_without_private(meta["unet_config"]))
@@ -163,27 +186,11 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
         {k: v.numpy() for k, v in _strip("severity", state).items()}
     )
     normalizer = MapNormalizer.from_arrays(_strip("normalizer", state))
-    threshold = meta.get("threshold")
     detector = D3AD(
-        settings,
-        vae,
-        unet,
-        backbone,
-        severity,
-        normalizer,
-        threshold=math.nan if threshold is None else float(threshold),
+        settings, vae, unet, backbone, severity, normalizer, threshold=float(meta["threshold"])
     )
     detector.codec.scaling_factor = float(meta["scaling_factor"])
-    detector.eval().requires_grad_(False)
-    detector.to(resolve_device(device))
-    return Bundle(
-        detector=detector,
-        product=meta["product"],
-        method=meta.get("method", "d3ad"),
-        metrics=meta.get("metrics", {}),
-        meta=meta,
-        path=path,
-    )
+    return detector
 
 
 def _config_without_private(config: dict[str, Any]) -> dict[str, Any]:

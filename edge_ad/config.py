@@ -56,7 +56,7 @@ class AutoencoderConfig(_Section):
     )
     block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
     layers_per_block: int = 1
-    epochs: int = Field(30, ge=0)
+    epochs: int = Field(30, ge=0, description="Ignored for a pretrained autoencoder.")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(4.5e-4, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
@@ -147,6 +147,31 @@ class Settings(_Section):
     calibration: CalibrationConfig = CalibrationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        # Checked up front: each of these would otherwise fail (or silently misbehave) only
+        # after minutes of training.
+        sev, steps = self.severity, self.reconstruct.steps
+        if sev.round_to % steps:
+            raise ValueError(
+                f"severity.round_to ({sev.round_to}) must be a multiple of reconstruct.steps "
+                f"({steps}) so every T̂ splits into whole DDIM steps"
+            )
+        if sev.min_bin > sev.num_bins:
+            raise ValueError(f"severity.min_bin ({sev.min_bin}) exceeds num_bins ({sev.num_bins})")
+        highest = sev.t_max + sev.round_to  # T̂ rounds to at most t_max + round_to/2
+        if highest >= self.unet.num_train_timesteps:
+            raise ValueError(
+                f"severity.t_max ({sev.t_max}) must stay below unet.num_train_timesteps"
+            )
+        trained = self.unet.max_train_timestep
+        if trained is not None and trained < highest:
+            raise ValueError(
+                f"unet.max_train_timestep ({trained}) must be at least severity.t_max + round_to "
+                f"({highest}): the UNet would be asked about timesteps it never learned"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -215,7 +240,10 @@ def _parse_override(item: str) -> dict[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.key=value (unet.epochs=40)")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {item!r}: {raw!r} is not a valid value") from None
     node: dict[str, Any] = {}
     cursor = node
     parts = key.strip().split(".")

@@ -66,6 +66,10 @@ def train_product(
     load_progress: Progress | None = None,
 ) -> TrainResult:
     """Train D3AD on the product's normal training images and save the bundle."""
+    # Checked before minutes of training, not after.
+    path = Path(output) if output is not None else default_model_dir(product)
+    if path.exists() and not path.is_dir():
+        raise EdgeADError(f"--output {path} is a file; give a directory for the bundle")
     dataset = load_dataset(data_root, product, layout)
     d = settings.data
     train_samples, val_samples = split_train_val(dataset.train, d.val_fraction, d.seed)
@@ -78,7 +82,6 @@ def train_product(
     detector = D3AD.build(settings)
     summary = detector.fit(train_images, val_images, ObserverGroup(observer, history))
     summary["train_minutes"] = (time.perf_counter() - start) / 60.0
-    path = Path(output) if output is not None else default_model_dir(product)
     extra = {
         "dataset": {
             "root": str(dataset.root),
@@ -115,6 +118,11 @@ def evaluate(
 ) -> dict:
     """Score the test split; return the report (DESIGN.md keys plus diagnostics)."""
     product = product or bundle.product
+    if product != bundle.product:
+        raise EdgeADError(
+            f"the model was trained for product {bundle.product!r}, not {product!r}; "
+            f"pass --product {bundle.product} or the model of {product}"
+        )
     detector = bundle.detector
     size = detector.settings.data.image_size
     dataset = load_dataset(data_root, product, layout)
@@ -186,7 +194,9 @@ def _output_names(paths: Sequence[Path]) -> list[str]:
     """File stems, prefixed with their folder where two images share a stem (MVTec's
     test/crack/000.png and test/good/000.png must not overwrite each other's heatmap)."""
     stems = [p.stem for p in paths]
-    return [f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    names = [f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    # Still equal (a/good/000.png and b/good/000.png): number them.
+    return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def infer_images(

@@ -40,12 +40,12 @@ def heatmap_overlay(
 ) -> np.ndarray:
     """RGB uint8 image with the anomaly map as a JET overlay and red boxes around regions.
 
-    The colour scale is fixed relative to the threshold (0 → blue, threshold → yellow-red,
-    2×threshold → dark red), so colours mean the same thing on every image of a product.
+    The colour scale is fixed relative to the threshold (≤ 0 → blue, threshold → yellow-red,
+    ≥ 2×threshold → dark red), so colours mean the same thing on every image of a product.
+    (Maps are in units of the normal images' spread, so most normal pixels sit near 0.)
     """
-    lo = min(0.0, float(amap.min()))
-    hi = 2.0 * threshold if np.isfinite(threshold) and threshold > lo else float(amap.max())
-    scaled = np.clip((amap - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
+    hi = 2.0 * threshold if np.isfinite(threshold) and threshold > 0 else float(amap.max())
+    scaled = np.clip(amap / max(hi, 1e-8), 0.0, 1.0)
     colour = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
     colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)
     if colour.shape[:2] != image.shape[:2]:

@@ -5,10 +5,12 @@ as differences, and the feature map f_map then lights up on normal images. Fine-
 few epochs so that φ(x) ≈ φ(x̂) on normal training images teaches it to ignore what the
 generative model cannot reproduce anyway, while real defects (which x̂ removes) still differ.
 
-Loss per batch (reference code: 1 − cosine of the flattened feature maps, per layer):
+Loss per batch (paper Eq. 10: 1 − cosine along channels at every position, globally averaged):
 
-    L = Σ_j mean(1 − cos(φ_j(x̂), φ_j(x)))  +  w · Σ_j mean(1 − cos(φ_j(x), φ⁰_j(x)))
+    L = Σ_j GAP(1 − cos(φ_j(x̂), φ_j(x)))  +  w · Σ_j GAP(1 − cos(φ_j(x), φ⁰_j(x)))
 
+This is the same per-position distance the feature map f_map measures. (The reference code
+instead takes one cosine of the whole flattened map, which lets a few positions differ a lot.)
 The second term anchors φ to a frozen copy φ⁰ of the pretrained backbone. Without it the
 cheapest solution is to make φ constant, which zeroes the first term and destroys the features
 the KNN severity and the feature map rely on. ``anchor_weight=0`` reproduces the paper.
@@ -35,11 +37,8 @@ ReconstructFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def cosine_feature_loss(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_j mean over the batch of 1 − cos(flatten(a_j), flatten(b_j))."""
-    return sum(
-        (1.0 - F.cosine_similarity(x.flatten(1), y.flatten(1), dim=1)).mean()
-        for x, y in zip(a, b, strict=True)
-    )
+    """Σ_j GAP(1 − cos(a_j, b_j)): cosine along channels per position, averaged (Eq. 10)."""
+    return sum((1.0 - F.cosine_similarity(x, y, dim=1)).mean() for x, y in zip(a, b, strict=True))
 
 
 def adapt_backbone(

@@ -247,6 +247,8 @@ class D3AD(nn.Module):
             raise EdgeADError("the detector is not trained (fit it or load a bundle)")
         if x.dtype == torch.uint8:
             x = to_model_range(x)
+        elif x.numel() and (float(x.min()) < -1.01 or float(x.max()) > 1.01):
+            raise EdgeADError("float frames must be in [-1, 1] (or pass uint8 in [0, 255])")
         size = self.settings.data.image_size
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (size, size):
             raise EdgeADError(

@@ -20,7 +20,9 @@ from edge_ad.models.unet import diffusion_loss
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) in [0, 255] → float in [-1, 1], the autoencoder's input range."""
-    return images.float().div_(127.5).sub_(1.0)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    return images.float() / 127.5 - 1.0
 
 
 def random_crop(x: torch.Tensor, size: int | None, generator: torch.Generator) -> torch.Tensor:

@@ -99,6 +99,22 @@ def test_bundle_round_trip_gives_identical_scores(
     ]
 
 
+def test_corrupt_bundle_is_a_clear_error(
+    fitted: tuple[D3AD, HistoryObserver], tmp_path: Path
+) -> None:
+    path = save_bundle(fitted[0], tmp_path / "b", "widget")
+    (path / "weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(EdgeADError, match="corrupt or incompatible"):
+        load_bundle(path)
+
+
+def test_float_frames_outside_model_range_are_refused(
+    fitted: tuple[D3AD, HistoryObserver],
+) -> None:
+    with pytest.raises(EdgeADError, match=r"\[-1, 1\]"):
+        fitted[0].predict(_frames(1, 0).float())  # 0..255 floats
+
+
 def test_not_a_bundle_and_newer_format_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(EdgeADError, match="not a model bundle"):
         load_bundle(tmp_path)

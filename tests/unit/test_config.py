@@ -25,7 +25,9 @@ def test_profiles_differ_where_they_should() -> None:
 
 def test_yaml_then_overrides_layer_in_order(tmp_path: Path) -> None:
     cfg = tmp_path / "line.yaml"
-    cfg.write_text("unet:\n  epochs: 7\n  lr: 0.0002\nseverity:\n  t_max: 120\n")
+    cfg.write_text(
+        "unet:\n  epochs: 7\n  lr: 0.0002\n  max_train_timestep: 200\nseverity:\n  t_max: 120\n"
+    )
     s = load_settings("tiny", cfg, ["unet.epochs=9", "reconstruct.eta=0"])
     assert s.unet.epochs == 9  # override beats file
     assert s.unet.lr == 0.0002  # file beats profile
@@ -48,11 +50,15 @@ def test_round_trip_through_dict() -> None:
         (["data.image_size=100"], "multiple of 32"),
         (["adapt.epochs=9"], "adapt.epochs"),
         (["novalue"], "section.key=value"),
+        (["unet.epochs=["], "not a valid value"),
+        (["reconstruct.steps=20"], "multiple of reconstruct.steps"),
+        (["severity.min_bin=11"], "exceeds num_bins"),
+        (["severity.t_max=200"], "never learned"),  # tiny/cpu UNets learn t < 100 only
     ],
 )
 def test_bad_overrides_are_one_line_errors(overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_settings("cpu", overrides=overrides)
+        load_settings("tiny", overrides=overrides)
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
 
