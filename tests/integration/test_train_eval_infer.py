@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
 
 # The tiny profile works on 64 px frames, where a scratch or crack is 1-2 px wide and cannot
 # be resolved; large defects can. Measured on this product (tiny, 2-core CPU): image AUROC
@@ -20,22 +17,13 @@ MIN_LARGE_DEFECT_AUROC = 0.8
 MIN_IMAGE_AUROC = 0.55
 
 
-def edge_ad(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EDGE_AD_HOME": str(home), "COLUMNS": "160"}
-    result = subprocess.run(
-        [sys.executable, "-c", "from cli import app; app()", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
 @pytest.mark.slow
-def test_tiny_model_train_eval_infer(tmp_path: Path) -> None:
+def test_tiny_model_train_eval_infer(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    def edge_ad(*args: str) -> Any:
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
     data, model, out = tmp_path / "data", tmp_path / "model", tmp_path / "out"
     edge_ad(
         "data",
@@ -52,7 +40,6 @@ def test_tiny_model_train_eval_infer(tmp_path: Path) -> None:
         "20",
         "--per-defect",
         "8",
-        home=tmp_path,
     )
     train = edge_ad(
         "train",
@@ -64,7 +51,6 @@ def test_tiny_model_train_eval_infer(tmp_path: Path) -> None:
         "tiny",
         "--output",
         str(model),
-        home=tmp_path,
     )
     assert "bundle:" in train.stdout
     assert (model / "bundle.json").is_file()
@@ -80,7 +66,6 @@ def test_tiny_model_train_eval_infer(tmp_path: Path) -> None:
         str(data),
         "--report",
         str(report_file),
-        home=tmp_path,
     )
     report = json.loads(report_file.read_text())
     for key in (
@@ -112,7 +97,7 @@ def test_tiny_model_train_eval_infer(tmp_path: Path) -> None:
         data / "board" / "test" / "good" / "000.png",
         data / "board" / "test" / "missing_part" / "000.png",
     ]
-    edge_ad("infer", "--model", str(model), *map(str, images), "--out", str(out), home=tmp_path)
+    edge_ad("infer", "--model", str(model), *map(str, images), "--out", str(out))
     verdicts = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert set(verdicts) == {"good_000.json", "missing_part_000.json"}
     for v in verdicts.values():

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,21 +13,8 @@ from typer.testing import CliRunner
 from cli import app
 
 runner = CliRunner()
+RunCli = Callable[..., subprocess.CompletedProcess[str]]
 TOP_LEVEL = ("train", "eval", "infer", "promote", "serve", "replay", "broker", "demo", "data")
-REPO = Path(__file__).resolve().parents[2]
-
-
-def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    """The real console entry point in a subprocess (what a user's shell sees)."""
-    env = {**os.environ, "EDGE_AD_HOME": str(home), "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-c", "from cli import app; app()", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=120,
-    )
 
 
 def test_help_lists_the_command_tree() -> None:
@@ -45,10 +31,10 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
     assert "Example" in result.output
 
 
-def test_unknown_product_is_one_clear_line(tmp_path: Path) -> None:
+def test_unknown_product_is_one_clear_line(tmp_path: Path, run_cli: RunCli) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_cli("train", "--product", "nope", "--data-root", str(empty), home=tmp_path)
+    result = run_cli("train", "--product", "nope", "--data-root", str(empty))
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -56,15 +42,15 @@ def test_unknown_product_is_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr + result.stdout
 
 
-def test_missing_data_root_and_bad_layout(tmp_path: Path) -> None:
-    result = run_cli("train", "-p", "x", "--data-root", str(tmp_path / "nowhere"), home=tmp_path)
+def test_missing_data_root_and_bad_layout(tmp_path: Path, run_cli: RunCli) -> None:
+    result = run_cli("train", "-p", "x", "--data-root", str(tmp_path / "nowhere"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "nowhere" in result.stderr
-    result = run_cli("data", "info", "-p", "x", "--layout", "coco", home=tmp_path)
+    result = run_cli("data", "info", "-p", "x", "--layout", "coco")
     assert result.returncode != 0 and "unknown layout" in result.stderr
 
 
-def test_bad_setting_is_a_clear_error(synth_root: Path, tmp_path: Path) -> None:
+def test_bad_setting_is_a_clear_error(synth_root: Path, run_cli: RunCli) -> None:
     result = run_cli(
         "train",
         "-p",
@@ -73,21 +59,22 @@ def test_bad_setting_is_a_clear_error(synth_root: Path, tmp_path: Path) -> None:
         str(synth_root),
         "--set",
         "unet.epoch=3",
-        home=tmp_path,
     )
     assert result.returncode != 0
     assert "unet.epoch" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_not_yet_available_commands_exit_2_without_fake_output(tmp_path: Path) -> None:
+def test_not_yet_available_commands_exit_2_without_fake_output(
+    run_cli: RunCli,
+) -> None:
     for args in (["serve"], ["broker"], ["promote", "-p", "x"], ["verdicts"]):
-        result = run_cli(*args, home=tmp_path)
+        result = run_cli(*args)
         assert result.returncode == 2, args
         assert "not available yet" in result.stderr
         assert result.stdout.strip() == ""
 
 
-def test_missing_model_and_images(tmp_path: Path) -> None:
+def test_missing_model_and_images(tmp_path: Path, run_cli: RunCli) -> None:
     result = run_cli(
         "infer",
         "--model",
@@ -95,7 +82,6 @@ def test_missing_model_and_images(tmp_path: Path) -> None:
         str(tmp_path / "a.png"),
         "--out",
         str(tmp_path / "o"),
-        home=tmp_path,
     )
     assert result.returncode != 0 and "image not found" in result.stderr
     img = tmp_path / "a.png"
@@ -107,7 +93,6 @@ def test_missing_model_and_images(tmp_path: Path) -> None:
         str(img),
         "--out",
         str(tmp_path / "o"),
-        home=tmp_path,
     )
     assert result.returncode != 0 and "does not exist" in result.stderr
 
@@ -145,7 +130,7 @@ def test_data_synth_then_info_reads_it_back(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "overwrite" in result.output
 
 
-def test_download_offline_is_a_clear_error(tmp_path: Path) -> None:
+def test_download_offline_is_a_clear_error(tmp_path: Path, run_cli: RunCli) -> None:
     result = run_cli(
         "data",
         "download",
@@ -154,7 +139,6 @@ def test_download_offline_is_a_clear_error(tmp_path: Path) -> None:
         str(tmp_path / "visa"),
         "--url",
         "http://127.0.0.1:9/VisA_20220922.tar",
-        home=tmp_path,
     )
     assert result.returncode != 0
     assert "could not download" in result.stderr and "Traceback" not in result.stderr
