@@ -184,15 +184,13 @@ class D3AD(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x in [-1, 1] and per-image T̂ → (z0, ẑ0, x̂)."""
         z0 = self.codec.encode(x)
-        z_hat = reconstruct_latents(
-            self.eps,
-            z0,
-            t_hat,
-            self.alphas_cumprod,
-            self.settings.reconstruct.steps,
-            self.settings.reconstruct.eta,
-        )
+        z_hat = self.denoise(z0, t_hat)
         return z0, z_hat, self.codec.decode(z_hat)
+
+    def denoise(self, z0: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
+        """ẑ0: the guided DDIM steps from √ᾱ_T̂·z0, per-sample T̂."""
+        r = self.settings.reconstruct
+        return reconstruct_latents(self.eps, z0, t_hat, self.alphas_cumprod, r.steps, r.eta)
 
     def severity_vectors(self, feats: list[torch.Tensor]) -> np.ndarray:
         return pool_features(feats[self._severity_pos], self.settings.severity.pool_size)
@@ -217,14 +215,7 @@ class D3AD(nn.Module):
         with timer("encode"):
             z0 = self.codec.encode(x)
         with timer("diffusion"):
-            z_hat = reconstruct_latents(
-                self.eps,
-                z0,
-                torch.from_numpy(t_hat),
-                self.alphas_cumprod,
-                self.settings.reconstruct.steps,
-                self.settings.reconstruct.eta,
-            )
+            z_hat = self.denoise(z0, torch.from_numpy(t_hat))
         with timer("decode"):
             x_hat = self.codec.decode(z_hat)
         with timer("map"):
