@@ -59,9 +59,17 @@ class AutoencoderConfig(_Section):
     epochs: int = Field(30, ge=0, description="Ignored for a pretrained autoencoder.")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(4.5e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine = 5 % warm-up, then decay to 0 over the run."
+    )
     kl_weight: float = Field(1e-6, ge=0)
     crop_size: int | None = Field(
         128, ge=32, description="Train on random crops of this side (None = full frames)."
+    )
+    perceptual_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the feature-space (frozen φ, cosine) term next to L1 (0 = off).",
     )
 
 
@@ -81,6 +89,15 @@ class UNetConfig(_Section):
         ge=1,
         description="Train on t < this only (None = all T, as the paper). Inference never "
         "goes past T_max, so a CPU budget is better spent on small t.",
+    )
+    crop_size: int | None = Field(
+        None,
+        ge=8,
+        description="Train on random latent crops of this side (None = whole latents); "
+        "the convolutional UNet then takes several times more steps in the same time.",
+    )
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="Keep an EMA of the weights (with warm-up); None = off."
     )
 
 

@@ -29,7 +29,7 @@ from diffusers import AutoencoderKL, UNet2DModel
 from torch import nn
 
 from edge_ad.config import Settings
-from edge_ad.d3ad.adapt import adapt_backbone
+from edge_ad.d3ad.adapt import adapt_backbone, cosine_feature_loss
 from edge_ad.d3ad.anomaly_map import MapNormalizer, feature_distance, latent_distance
 from edge_ad.d3ad.observer import FitObserver
 from edge_ad.d3ad.reconstruct import alphas_cumprod, reconstruct_latents
@@ -42,7 +42,7 @@ from edge_ad.models.autoencoder import (
     estimate_scaling_factor,
     load_pretrained_autoencoder,
 )
-from edge_ad.models.backbone import FeatureBackbone
+from edge_ad.models.backbone import FeatureBackbone, frozen_copy
 from edge_ad.models.unet import build_unet, make_noise_scheduler
 
 STAGES = ("features", "severity", "encode", "diffusion", "decode", "map")
@@ -280,6 +280,20 @@ class D3AD(nn.Module):
 
     # ------------------------------------------------------------------ training
 
+    def perceptual_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Σ_j GAP(1 − cos(φ⁰_j(x̂), φ⁰_j(x))) with a frozen copy φ⁰ of the (pretrained) map
+        layers: the autoencoder learns to keep what the feature map will compare."""
+        teacher = frozen_copy(self.backbone)
+        pos = self._map_pos
+
+        def loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                target = teacher(x)
+            feats = teacher(recon)
+            return cosine_feature_loss([feats[i] for i in pos], [target[i] for i in pos])
+
+        return loss
+
     def fit(
         self,
         train_images: torch.Tensor,
@@ -306,7 +320,13 @@ class D3AD(nn.Module):
         vae = self.codec.vae
         if cfg.autoencoder.pretrained is None and cfg.autoencoder.epochs > 0:
             summary |= train_autoencoder(
-                vae, train_images, cfg.autoencoder, device, observer, cfg.runtime.seed
+                vae,
+                train_images,
+                cfg.autoencoder,
+                device,
+                observer,
+                cfg.runtime.seed,
+                perceptual=self.perceptual_loss() if cfg.autoencoder.perceptual_weight else None,
             )
         if cfg.autoencoder.pretrained is None:
             batches = [to_model_range(b).to(device) for b in train_images.split(16)]

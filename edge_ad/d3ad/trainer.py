@@ -11,10 +11,12 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
 
 from edge_ad.config import AutoencoderConfig, UNetConfig
 from edge_ad.d3ad.observer import FitObserver
-from edge_ad.models.autoencoder import autoencoder_loss
+from edge_ad.models.autoencoder import PerceptualLoss, autoencoder_loss
 from edge_ad.models.unet import diffusion_loss
 
 
@@ -51,13 +53,23 @@ def train_autoencoder(
     device: torch.device,
     observer: FitObserver | None = None,
     seed: int = 0,
+    perceptual: PerceptualLoss | None = None,
 ) -> dict[str, float]:
-    """Fit the autoencoder on normal images (uint8 (N, 3, H, W)) with L1 + small KL."""
+    """Fit the autoencoder on normal images (uint8 (N, 3, H, W)) with L1 + small KL, plus
+    ``cfg.perceptual_weight`` · ``perceptual(recon, x)`` when a perceptual loss is given."""
     observer = observer or FitObserver()
     generator = torch.Generator().manual_seed(seed)
     module = getattr(vae, "module", vae)  # DDP-wrapped or not
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    observer.stage_start("autoencoder", cfg.epochs * steps_per_epoch(len(images), cfg.batch_size))
+    total_steps = cfg.epochs * steps_per_epoch(len(images), cfg.batch_size)
+    # A constant rate leaves the last weights wherever the last noisy steps put them (the same
+    # settings gave validation L1 0.073 and 0.099 in two runs); decaying it settles them.
+    schedule = (
+        get_cosine_schedule_with_warmup(optimizer, max(1, total_steps // 20), total_steps)
+        if cfg.lr_schedule == "cosine"
+        else None
+    )
+    observer.stage_start("autoencoder", total_steps)
     start, last = time.perf_counter(), {}
     vae.train()
     for epoch in range(cfg.epochs):
@@ -65,14 +77,19 @@ def train_autoencoder(
         batches = _batches(len(images), cfg.batch_size, generator)
         for idx in batches:
             x = random_crop(to_model_range(images[idx]), cfg.crop_size, generator).to(device)
-            loss, parts = autoencoder_loss(module, x, cfg.kl_weight)
+            loss, parts = autoencoder_loss(
+                module, x, cfg.kl_weight, None, perceptual, cfg.perceptual_weight
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             observer.advance("autoencoder", 1, loss=parts["loss"])
         last = {f"ae_{k}": v / len(batches) for k, v in sums.items()}
+        last["ae_lr"] = float(optimizer.param_groups[0]["lr"])
         observer.epoch_end("autoencoder", epoch, last)
     vae.eval()
     summary = {**last, "ae_seconds": time.perf_counter() - start}
@@ -89,26 +106,41 @@ def train_unet(
     observer: FitObserver | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Fit the ε-prediction UNet on the training latents z0 = E(x) (paper Eq. 6)."""
+    """Fit the ε-prediction UNet on the training latents z0 = E(x) (paper Eq. 6).
+
+    With ``cfg.ema_decay`` the weights left in ``unet`` at the end are the exponential moving
+    average (diffusers' ``EMAModel`` with warm-up, as LDM and DDPM sample from): over a short
+    CPU schedule the raw weights still jump with every step, and the noiseless-start
+    reconstruction is sensitive to exactly that noise in ε_θ.
+    """
     observer = observer or FitObserver()
     generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = (
+        EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
+        if cfg.ema_decay is not None
+        else None
+    )
     observer.stage_start("unet", cfg.epochs * steps_per_epoch(len(latents), cfg.batch_size))
     start, last = time.perf_counter(), {}
     unet.train()
     for epoch in range(cfg.epochs):
         total, batches = 0.0, _batches(len(latents), cfg.batch_size, generator)
         for idx in batches:
-            z0 = latents[idx].to(device)
+            z0 = random_crop(latents[idx], cfg.crop_size, generator).to(device)
             loss = diffusion_loss(unet, scheduler, z0, noise_generator, cfg.max_train_timestep)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.step(unet.parameters())
             total += float(loss.detach())
             observer.advance("unet", 1, loss=float(loss.detach()))
         last = {"unet_loss": total / len(batches)}
         observer.epoch_end("unet", epoch, last)
+    if ema is not None:
+        ema.copy_to(unet.parameters())
     unet.eval()
     summary = {**last, "unet_seconds": time.perf_counter() - start}
     observer.stage_end("unet", summary)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -160,13 +160,18 @@ class LatentCodec(nn.Module):
         return self.decode(self.encode(x))
 
 
+PerceptualLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def autoencoder_loss(
     vae: AutoencoderKL,
     x: torch.Tensor,
     kl_weight: float = 1e-6,
     generator: torch.Generator | None = None,
+    perceptual: PerceptualLoss | None = None,
+    perceptual_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Training loss of the KL autoencoder: mean L1 reconstruction + ``kl_weight`` * KL.
+    """Training loss of the KL autoencoder: mean L1 + ``perceptual_weight`` · perceptual + KL.
 
     The decoder sees a posterior *sample* during training so it learns to decode slightly
     perturbed latents, which is what the diffusion model will hand it as ẑ0. KL is summed per
@@ -174,6 +179,10 @@ def autoencoder_loss(
     latent scale bounded; LDM sums the L1 over pixels, so the same 1e-6 weighs KL less there
     than against the per-pixel mean here, yet KL stays a small part of the loss (< 1 % after
     20 steps at 64 px). Raise ``kl_weight`` if latents drift to large norms.
+
+    ``perceptual(recon, x)`` is a feature-space distance (LDM trains its autoencoders with
+    LPIPS for the same reason): an L1-only decoder averages fine texture away, and that blur is
+    exactly what D3AD's feature map then sees on every normal frame.
     """
     posterior = vae.encode(x).latent_dist
     z = posterior.sample(generator=generator)
@@ -181,7 +190,12 @@ def autoencoder_loss(
     rec = F.l1_loss(recon, x)
     kl = posterior.kl().mean()
     loss = rec + kl_weight * kl
-    parts = {"loss": float(loss.detach()), "rec": float(rec.detach()), "kl": float(kl.detach())}
+    parts = {"rec": float(rec.detach()), "kl": float(kl.detach())}
+    if perceptual is not None and perceptual_weight > 0:
+        perc = perceptual(recon, x)
+        loss = loss + perceptual_weight * perc
+        parts["perceptual"] = float(perc.detach())
+    parts["loss"] = float(loss.detach())
     return loss, parts
 
 
