@@ -93,8 +93,9 @@ class UNetConfig(_Section):
     crop_size: int | None = Field(
         None,
         ge=8,
-        description="Train on random latent crops of this side (None = whole latents); "
-        "the convolutional UNet then takes several times more steps in the same time.",
+        description="Train on random latent crops of this side (None = whole latents): "
+        "several times more steps in the same time, but attention then sees fewer tokens "
+        "than at inference.",
     )
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="Keep an EMA of the weights (with warm-up); None = off."
@@ -186,6 +187,12 @@ class Settings(_Section):
             raise ValueError(
                 f"unet.max_train_timestep ({trained}) must be at least severity.t_max + round_to "
                 f"({highest}): the UNet would be asked about timesteps it never learned"
+            )
+        crop, levels = self.unet.crop_size, len(self.unet.block_out_channels) - 1
+        if crop is not None and crop % 2**levels:
+            raise ValueError(
+                f"unet.crop_size ({crop}) must be a multiple of {2**levels}: the UNet halves "
+                f"the latent {levels} times"
             )
         return self
 

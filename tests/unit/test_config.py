@@ -54,6 +54,7 @@ def test_round_trip_through_dict() -> None:
         (["reconstruct.steps=20"], "multiple of reconstruct.steps"),
         (["severity.min_bin=11"], "exceeds num_bins"),
         (["severity.t_max=200"], "never learned"),  # tiny/cpu UNets learn t < 100 only
+        (["unet.crop_size=9"], "multiple of 2"),  # the tiny UNet halves the latent once
     ],
 )
 def test_bad_overrides_are_one_line_errors(overrides: list[str], needle: str) -> None:
