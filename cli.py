@@ -85,6 +85,11 @@ TrackingOpt = Annotated[
 ]
 
 
+def _pct(value: float | None) -> str:
+    """A metric in [0, 1] as a percentage cell; n/a when there is none."""
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
 def _not_yet(command: str, issue: int) -> NoReturn:
     raise NotAvailableYet(f"`edge-ad {command}` is not available yet (planned in issue {issue})")
 
@@ -107,34 +112,84 @@ def _data_root(data_root: Path | None) -> Path:
 # ----------------------------------------------------------------------------- train / eval
 
 
+def _read_products(products: list[str] | None, products_file: Path | None) -> list[str]:
+    """``--product`` values plus the names in ``--products-file`` (one per line, # comments)."""
+    names = list(products or [])
+    if products_file is not None:
+        if not products_file.is_file():
+            raise EdgeADError(f"--products-file {products_file} does not exist")
+        for line in products_file.read_text().splitlines():
+            name = line.split("#", 1)[0].strip()
+            if name:
+                names.append(name)
+    if not names:
+        raise EdgeADError("name a product: --product P (repeatable) or --products-file FILE")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise EdgeADError(f"product listed twice: {', '.join(duplicates)}")
+    return names
+
+
 @app.command(
     epilog="Examples:  edge-ad train -p pcb1 --data-root /data/mvtec --profile cpu --output "
-    "models/pcb1  ·  edge-ad train -p synth-pcb --profile tiny --set unet.epochs=20"
+    "models/pcb1  ·  edge-ad train -p pcb1 -p pcb2 --workers 2  ·  edge-ad train -p pcb1 "
+    "--resume  ·  RAY_ADDRESS=ray://head:10001 edge-ad train -p pcb1 --gpus-per-worker 1"
 )
 def train(
-    product: ProductOpt,
+    product: Annotated[
+        list[str] | None,
+        typer.Option("--product", "-p", help="Product to train (repeat for several)."),
+    ] = None,
+    products_file: Annotated[
+        Path | None, typer.Option(help="File with one product name per line (# comments).")
+    ] = None,
     data_root: DataRootOpt = None,
     layout: LayoutOpt = "auto",
     profile: ProfileOpt = "cpu",
     config: ConfigOpt = None,
     set_: SetOpt = None,
     output: Annotated[
-        Path | None, typer.Option(help="Write the trained bundle here (default: EDGE_AD_HOME).")
+        Path | None,
+        typer.Option(
+            help="Bundle directory (default: EDGE_AD_HOME/models/P); with several products, "
+            "each goes to OUTPUT/P."
+        ),
     ] = None,
     workers: Annotated[
         int | None, typer.Option(min=1, help="Ray Train data-parallel workers (default 1).")
     ] = None,
     gpus_per_worker: Annotated[
-        float | None, typer.Option(min=0, help="GPUs per worker (default 0).")
+        float | None, typer.Option(min=0, help="GPUs per worker (default 0: CPU training).")
     ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue each product's last unfinished run from its checkpoint.")
+    ] = False,
+    max_failures: Annotated[
+        int, typer.Option(min=0, help="Worker-group restarts from the last checkpoint.")
+    ] = 2,
+    storage_path: Annotated[
+        Path | None,
+        typer.Option(
+            help="Ray Train checkpoints (default EDGE_AD_HOME/ray_results; shared on a cluster)."
+        ),
+    ] = None,
+    tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Train a D3AD model for one product on its normal images."""
+    """Train D3AD per product as Ray Train jobs; log to MLflow and register each model.
+
+    Runs on a local Ray (started for you) or on the cluster in $RAY_ADDRESS. Several products
+    train as concurrent jobs. The model lands in the registry as a new version of
+    edge-ad-<product> (alias staging); `edge-ad promote` moves production.
+    """
+    from rich.table import Table
+
     from edge_ad.config import load_settings
     from edge_ad.data import load_dataset
-    from edge_ad.engine import train_product
     from edge_ad.progress import RichFitObserver, make_progress
+    from pipelines.train import TrainOptions, TrainRequest, train_products
 
     _check_layout(layout)
+    names = _read_products(product, products_file)
     overrides = list(set_ or [])
     if workers is not None:
         overrides.append(f"runtime.workers={workers}")
@@ -142,33 +197,48 @@ def train(
         overrides.append(f"runtime.gpus_per_worker={gpus_per_worker}")
     settings = load_settings(profile, config, overrides)
     root = _data_root(data_root)
-    dataset = load_dataset(root, product, layout)
-    console.print(
-        f"[bold]{product}[/]: {len(dataset.train)} normal train images ({dataset.layout} layout), "
-        f"profile [bold]{settings.profile}[/], {settings.data.image_size}px"
-    )
-    if settings.runtime.workers > 1 or settings.runtime.gpus_per_worker > 0:
-        _not_yet("train --workers/--gpus-per-worker (Ray Train)", 5)
-    with make_progress() as progress:
-        load = progress.add_task("loading images", total=None)
-        result = train_product(
-            product,
-            root,
-            settings,
-            output,
-            dataset.layout,
-            RichFitObserver(progress),
-            lambda done, total: progress.update(load, completed=done, total=total),
+    requests = []
+    for name in names:
+        dataset = load_dataset(root, name, layout)  # bad input fails here, before Ray starts
+        console.print(
+            f"[bold]{name}[/]: {len(dataset.train)} normal train images ({dataset.layout} "
+            f"layout), profile [bold]{settings.profile}[/], {settings.data.image_size}px, "
+            f"{settings.runtime.workers} worker(s)"
         )
-    console.print(
-        f"trained on {result.n_train} images (+{result.n_val} held out to calibrate) in "
-        f"{result.summary['train_minutes']:.1f} min; threshold {result.detector.threshold:.3f}"
-    )
-    console.print(f"bundle: [bold]{result.bundle_path}[/]")
-    console.print(
-        f"next: edge-ad eval -p {product} --model {result.bundle_path} --data-root {root} "
-        f"--report {product}-report.json"
-    )
+        out = output / name if output is not None and len(names) > 1 else output
+        requests.append(TrainRequest(name, str(root), dataset.layout, str(out) if out else None))
+    with make_progress() as progress:
+        opts = TrainOptions(
+            storage_path=storage_path,
+            tracking_uri=tracking_uri,
+            resume=resume,
+            max_failures=max_failures,
+            observer_factory=lambda p: RichFitObserver(progress, p if len(names) > 1 else ""),
+        )
+        results = train_products(requests, settings, opts)
+    table = Table(title="trained")
+    for column in ("product", "version", "I-AUROC", "PRO", "threshold", "min", "bundle"):
+        table.add_column(column, justify="left" if column in ("product", "bundle") else "right")
+    for r in results:
+        rep = r.report or {}
+        cells = [rep.get("image_auroc"), rep.get("pro")]
+        table.add_row(
+            r.product,
+            str(r.model_version) if r.model_version is not None else "-",
+            *(_pct(v) for v in cells),
+            f"{r.summary.get('threshold', float('nan')):.3f}",
+            f"{r.wall_seconds / 60:.1f}",
+            str(r.bundle_path),
+        )
+    console.print(table)
+    for r in results:
+        if r.started_from != "scratch":
+            console.print(f"{r.product}: continued from checkpoint {r.started_from}")
+        if r.model_version is not None:
+            console.print(
+                f"next: edge-ad promote -p {r.product} --version {r.model_version}   "
+                f"(MLflow run {r.mlflow_run_id})"
+            )
 
 
 @app.command(
@@ -181,6 +251,7 @@ def eval(
     report: Annotated[Path, typer.Option(help="Write the metrics report (JSON) here.")],
     data_root: DataRootOpt = None,
     layout: LayoutOpt = "auto",
+    tracking_uri: TrackingOpt = None,
 ) -> None:
     """Score the product's test split; print and save I-AUROC, P-AUROC, PRO, AP, F1, s/img."""
     from rich.table import Table
@@ -191,7 +262,7 @@ def eval(
     _check_layout(layout)
     if report.is_dir():
         raise EdgeADError(f"--report {report} is a directory; give a file name such as report.json")
-    bundle = resolve_model(model)
+    bundle = resolve_model(model, tracking_uri=tracking_uri)
     with progress_callback(f"scoring {product} test images") as callback:
         result = evaluate(bundle, _data_root(data_root), product, layout, progress=callback)
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +273,7 @@ def eval(
     table.add_column("s/img", justify="right")
     cells = [result[k] for k in ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "f1_max")]
     table.add_row(
-        *("n/a" if v is None else f"{100 * v:.1f}" for v in cells),
+        *(_pct(v) for v in cells),
         f"{result['seconds_per_image']:.3f}",
     )
     console.print(table)
@@ -218,6 +289,7 @@ def infer(
     model: ModelOpt,
     images: Annotated[list[Path], typer.Argument(help="Image files to score.")],
     out: Annotated[Path, typer.Option(help="Folder for heatmap overlays and JSON verdicts.")],
+    tracking_uri: TrackingOpt = None,
 ) -> None:
     """Score images: heatmap overlay PNG + JSON (score, verdict, T̂, defect boxes) per image."""
     from edge_ad.engine import infer_images, resolve_model
@@ -226,7 +298,7 @@ def infer(
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise EdgeADError(f"image not found: {', '.join(missing[:3])}")
-    bundle = resolve_model(model)
+    bundle = resolve_model(model, tracking_uri=tracking_uri)
     with progress_callback("scoring") as callback:
         verdicts = infer_images(bundle, images, out, progress=callback)
     for v in verdicts:
@@ -242,7 +314,8 @@ def infer(
 
 
 @app.command(
-    epilog="Examples:  edge-ad promote -p pcb1  ·  edge-ad promote -p pcb1 --version 3 --force"
+    epilog="Examples:  edge-ad promote -p pcb1  ·  edge-ad promote -p pcb1 --version 3 --force "
+    "--reason 'new camera'"
 )
 def promote(
     product: ProductOpt,
@@ -252,11 +325,24 @@ def promote(
     reason: Annotated[str | None, typer.Option(help="Why; recorded on the version.")] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Point an MLflow alias (default production) at a model version, if it is not worse."""
-    _not_yet("promote", 5)
+    """Point an MLflow alias (default production) at a model version, if it is not worse.
+
+    Refuses when the candidate's image AUROC or PRO is below the version holding the alias
+    (exit code 1) unless --force; records who, when and why as tags on the version.
+    """
+    from edge_ad import registry
+
+    done = registry.promote(product, version, alias, force, reason, tracking_uri)
+    before = f"v{done.previous_version}" if done.previous_version is not None else "none"
+    console.print(
+        f"[bold green]{done.name}[/] @{done.alias}: {before} → [bold]v{done.version}[/]"
+        + (" [yellow](forced)[/]" if done.forced else "")
+    )
+    for metric, (new, old) in done.compared.items():
+        console.print(f"  {metric}: {_pct(new)} (was {_pct(old)})")
 
 
-@app.command(epilog="Example:  edge-ad models -p pcb1")
+@app.command(epilog="Examples:  edge-ad models  ·  edge-ad models -p pcb1")
 def models(
     product: Annotated[
         str | None, typer.Option("--product", "-p", help="Only this product.")
@@ -264,7 +350,32 @@ def models(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """List registered model versions, their aliases and metrics."""
-    _not_yet("models", 5)
+    from rich.table import Table
+
+    from edge_ad import registry
+
+    rows = registry.list_versions(product, tracking_uri)
+    if not rows:
+        where = f"for {product!r} " if product else ""
+        console.print(
+            f"no registered models {where}in {registry.tracking_uri(tracking_uri)}; "
+            "train one with `edge-ad train -p P`"
+        )
+        return
+    table = Table(title=f"registered models ({registry.tracking_uri(tracking_uri)})")
+    for column in ("model", "version", "aliases", "I-AUROC", "P-AUROC", "PRO", "created", "run"):
+        table.add_column(column, justify="right" if column in ("version",) else "left")
+    for row in rows:
+        cells = [row.metrics.get(k) for k in ("image_auroc", "pixel_auroc", "pro")]
+        table.add_row(
+            row.name,
+            str(row.version),
+            ", ".join(row.aliases) or "-",
+            *(_pct(v) for v in cells),
+            row.created,
+            row.run_id[:8],
+        )
+    console.print(table)
 
 
 # ----------------------------------------------------------------------------- streaming

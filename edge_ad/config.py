@@ -147,8 +147,14 @@ class CalibrationConfig(_Section):
 
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, description="Ray Train data-parallel workers.")
     gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs each Ray Train worker reserves (None = share the node's)."
+    )
+    checkpoint_every: int = Field(
+        1, ge=1, description="Ray Train checkpoint every N autoencoder/UNet epochs."
+    )
     seed: int = 0
 
 

@@ -23,7 +23,7 @@ from edge_ad.d3ad.detector import D3AD, Prediction
 from edge_ad.d3ad.observer import FitObserver, HistoryObserver, ObserverGroup
 from edge_ad.data import load_dataset, load_images, load_masks, read_image, split_train_val
 from edge_ad.data.samples import Sample
-from edge_ad.errors import EdgeADError, NotAvailableYet
+from edge_ad.errors import EdgeADError
 from edge_ad.paths import edge_home
 from edge_ad.visualize import defect_regions, heatmap_overlay, side_by_side
 
@@ -47,6 +47,49 @@ def _subsample(samples: Sequence[Sample], limit: int | None, seed: int) -> tuple
 
 
 @dataclass
+class TrainingData:
+    """One product's normal images, split the same way wherever training runs."""
+
+    train_images: torch.Tensor  # uint8 (N, 3, H, W): generative models, φ adaptation, KNN
+    val_images: torch.Tensor  # uint8 (M, 3, H, W): held-out normals, calibration only
+    dataset_info: dict
+
+
+def load_training_data(
+    product: str,
+    data_root: str | Path,
+    settings: Settings,
+    layout: str = "auto",
+    progress: Progress | None = None,
+) -> TrainingData:
+    """Read and split the product's normal train images (deterministic: every Ray Train
+    worker that calls this gets the same split and then takes its own shard)."""
+    dataset = load_dataset(data_root, product, layout)
+    d = settings.data
+    train_samples, val_samples = split_train_val(dataset.train, d.val_fraction, d.seed)
+    train_samples = _subsample(train_samples, d.max_train_images, d.seed)
+    images = load_images((*train_samples, *val_samples), d.image_size, progress)
+    info = {
+        "root": str(dataset.root),
+        "layout": dataset.layout,
+        "n_train": len(train_samples),
+        "n_val": len(val_samples),
+    }
+    return TrainingData(
+        as_chw(images[: len(train_samples)]), as_chw(images[len(train_samples) :]), info
+    )
+
+
+def check_output_dir(output: str | Path | None, product: str) -> Path:
+    """The bundle directory ``--output`` names (default under EDGE_AD_HOME), checked before
+    minutes of training rather than after."""
+    path = Path(output) if output is not None else default_model_dir(product)
+    if path.exists() and not path.is_dir():
+        raise EdgeADError(f"--output {path} is a file; give a directory for the bundle")
+    return path
+
+
+@dataclass
 class TrainResult:
     bundle_path: Path
     detector: D3AD
@@ -65,43 +108,33 @@ def train_product(
     observer: FitObserver | None = None,
     load_progress: Progress | None = None,
 ) -> TrainResult:
-    """Train D3AD on the product's normal training images and save the bundle."""
-    # Checked before minutes of training, not after.
-    path = Path(output) if output is not None else default_model_dir(product)
-    if path.exists() and not path.is_dir():
-        raise EdgeADError(f"--output {path} is a file; give a directory for the bundle")
-    dataset = load_dataset(data_root, product, layout)
-    d = settings.data
-    train_samples, val_samples = split_train_val(dataset.train, d.val_fraction, d.seed)
-    train_samples = _subsample(train_samples, d.max_train_images, d.seed)
+    """Train D3AD in this process on the product's normal training images and save the bundle
+    (``pipelines.train`` runs the same stages as a Ray Train job)."""
+    path = check_output_dir(output, product)
     start = time.perf_counter()
-    images = load_images((*train_samples, *val_samples), d.image_size, load_progress)
-    train_images = as_chw(images[: len(train_samples)])
-    val_images = as_chw(images[len(train_samples) :])
+    data = load_training_data(product, data_root, settings, layout, load_progress)
     history = HistoryObserver()
     detector = D3AD.build(settings)
-    summary = detector.fit(train_images, val_images, ObserverGroup(observer, history))
+    summary = detector.fit(data.train_images, data.val_images, ObserverGroup(observer, history))
     summary["train_minutes"] = (time.perf_counter() - start) / 60.0
-    extra = {
-        "dataset": {
-            "root": str(dataset.root),
-            "layout": dataset.layout,
-            "n_train": len(train_samples),
-            "n_val": len(val_samples),
-        }
-    }
-    save_bundle(detector, path, product, metrics=summary, extra=extra)
-    return TrainResult(path, detector, summary, history, len(train_samples), len(val_samples))
+    save_bundle(detector, path, product, metrics=summary, extra={"dataset": data.dataset_info})
+    info = data.dataset_info
+    return TrainResult(path, detector, summary, history, info["n_train"], info["n_val"])
 
 
-def resolve_model(model: str | Path, device: str = "auto") -> Bundle:
-    """The bundle behind ``--model``: a directory (registry URIs arrive with issue 5)."""
+def resolve_model(
+    model: str | Path, device: str = "auto", tracking_uri: str | None = None
+) -> Bundle:
+    """The bundle behind ``--model``: a bundle directory, or a registry URI such as
+    ``models:/edge-ad-pcb1@production`` / ``models:/edge-ad-pcb1/3`` (downloaded from MLflow)."""
     text = str(model)
     if text.startswith("models:/"):
-        raise NotAvailableYet(
-            f"loading {text} from the MLflow registry is planned in issue 5; pass the bundle "
-            "directory that `edge-ad train --output DIR` wrote"
-        )
+        from edge_ad import registry
+
+        path, info = registry.resolve_bundle(text, tracking_uri)
+        bundle = load_bundle(path, device=device)
+        bundle.meta["registry"] = info
+        return bundle
     path = Path(text).expanduser()
     if not path.exists():
         raise EdgeADError(f"model {path} does not exist; train one with `edge-ad train`")

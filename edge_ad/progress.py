@@ -48,20 +48,30 @@ def progress_callback(description: str) -> Iterator[ProgressFn]:
 
 
 class RichFitObserver(FitObserver):
-    """A training observer that shows one progress bar per stage with the running loss."""
+    """A training observer that shows one progress bar per stage with the running loss.
 
-    def __init__(self, progress: Progress) -> None:
+    ``label`` prefixes each bar (the product, when several train at once). A stage that starts
+    again (a Ray Train job resumed from a checkpoint) reuses its bar instead of adding one.
+    """
+
+    def __init__(self, progress: Progress, label: str = "") -> None:
         self.progress = progress
+        self.prefix = f"{label} " if label else ""
         self.tasks: dict[str, int] = {}
 
     def stage_start(self, stage: str, total: int) -> None:
-        self.tasks[stage] = self.progress.add_task(stage, total=max(total, 1))
+        if stage in self.tasks:
+            self.progress.reset(self.tasks[stage], total=max(total, 1))
+        else:
+            self.tasks[stage] = self.progress.add_task(self.prefix + stage, total=max(total, 1))
 
     def advance(self, stage: str, n: int = 1, **metrics: float) -> None:
-        text = stage + "".join(f" {k}={v:.4f}" for k, v in metrics.items())
+        text = self.prefix + stage + "".join(f" {k}={v:.4f}" for k, v in metrics.items())
         self.progress.update(self.tasks[stage], advance=n, description=text)
 
     def stage_end(self, stage: str, metrics: dict[str, float]) -> None:
         task = self.tasks[stage]
         total = self.progress.tasks[task].total
-        self.progress.update(task, completed=total, description=f"{stage} [green]done[/]")
+        self.progress.update(
+            task, completed=total, description=f"{self.prefix}{stage} [green]done[/]"
+        )

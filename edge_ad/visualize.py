@@ -7,6 +7,9 @@ region: verdict and boxes can never disagree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import cv2
 import numpy as np
 
@@ -69,3 +72,74 @@ def side_by_side(*panels: np.ndarray, gap: int = 4) -> np.ndarray:
             row.append(spacer)
         row.append(p)
     return np.concatenate(row, axis=1)
+
+
+def severity_histogram_png(
+    train_distances: np.ndarray,
+    bin_edges: np.ndarray,
+    timesteps: Sequence[int],
+    out: Path,
+    test_distances: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """PNG of the DIC severity bins: the histogram of the train mean-KNN distances over the
+    fitted bin edges, each bin labelled with the T̂ it sends frames to, optionally with test
+    distances (e.g. ``{"normal": ..., "defect": ...}``) overlaid. Logged to MLflow so a run shows
+    whether defects actually land in deeper bins than normal frames.
+
+    Densities, not counts, so a few dozen test frames compare with hundreds of train frames.
+    Test frames beyond the last edge still take the last bin's T̂ (drawn to the right of it).
+    """
+    # The Agg canvas directly, not pyplot: no global backend switch, safe in worker threads.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = np.asarray(train_distances, dtype=np.float64).ravel()
+    edges = np.asarray(bin_edges, dtype=np.float64).ravel()
+    steps = [int(t) for t in timesteps]
+    if len(steps) != len(edges) - 1:
+        raise ValueError(f"{len(edges) - 1} bins but {len(steps)} timesteps")
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.hist(train, bins=edges, density=True, color="0.75", edgecolor="0.4", label="train")
+    width = float(edges[-1] - edges[0]) / max(len(steps), 1) or 1.0
+    for name, values in (test_distances or {}).items():
+        values = np.asarray(values, dtype=np.float64).ravel()
+        values = values[np.isfinite(values)]
+        if not values.size:
+            continue
+        # The train bins, extended at the same width to cover the test range.
+        lo = min(float(edges[0]), float(values.min()))
+        hi = max(float(edges[-1]), float(values.max()))
+        n = max(1, int(np.ceil((hi - lo) / width)))
+        ax.hist(
+            values,
+            bins=np.linspace(lo, lo + n * width, n + 1),
+            density=True,
+            histtype="step",
+            linewidth=2,
+            label=f"test {name} ({values.size})",
+        )
+    for edge in edges:
+        ax.axvline(edge, color="0.3", linewidth=0.6, linestyle=":")
+    top = ax.get_ylim()[1]
+    ax.set_ylim(0, top * 1.3)  # headroom for the T̂ labels, vertical so narrow bins stay legible
+    for left, right, t in zip(edges[:-1], edges[1:], steps, strict=True):
+        ax.text(
+            (left + right) / 2,
+            top * 1.27,
+            f"$\\hat{{T}}$={t}",
+            ha="center",
+            va="top",
+            rotation=90,
+            fontsize=7,
+        )
+    ax.set_xlabel("mean L1 distance to the K nearest train features (severity)")
+    ax.set_ylabel("density")
+    ax.set_title("DIC severity bins and the timestep each selects")
+    ax.legend(loc="center right", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out

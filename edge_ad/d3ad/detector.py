@@ -34,7 +34,7 @@ from edge_ad.d3ad.anomaly_map import MapNormalizer, feature_distance, latent_dis
 from edge_ad.d3ad.observer import FitObserver
 from edge_ad.d3ad.reconstruct import alphas_cumprod, reconstruct_latents
 from edge_ad.d3ad.severity import SeverityIndex, pool_features, timesteps_for_bins
-from edge_ad.d3ad.trainer import to_model_range, train_autoencoder, train_unet
+from edge_ad.d3ad.trainer import LoopControl, to_model_range, train_autoencoder, train_unet
 from edge_ad.errors import EdgeADError
 from edge_ad.models.autoencoder import (
     LatentCodec,
@@ -245,7 +245,9 @@ class D3AD(nn.Module):
             raise EdgeADError(
                 f"expected frames of shape (N, 3, {size}, {size}), got {tuple(x.shape)}"
             )
-        x = x.to(self.device)
+        # Contiguous NCHW whatever the caller built (a permuted HWC array takes other conv
+        # kernels and moves scores by ~1e-5): the same frame always gets the same score.
+        x = x.to(self.device).contiguous()
         l_map, f_map, distances, t_hat, x_hat = self.raw_maps(x, timings)
         with _Timer(timings, self.device)("map"):
             m = self.settings.anomaly_map
@@ -304,77 +306,125 @@ class D3AD(nn.Module):
 
         ``train_images`` train the generative models, adapt φ and fill the KNN index;
         ``val_images`` (held-out normals) only calibrate the map statistics and threshold.
+        The stages are public so that Ray Train (pipelines/train.py) can run the first two
+        data-parallel and checkpoint them; this method is the single-process order.
         """
         observer = observer or FitObserver()
-        cfg = self.settings
+        self.prepare_fit(train_images, val_images)
+        summary = self.fit_autoencoder(train_images, observer)
+        self.fit_scaling(train_images)
+        summary |= self.fit_unet(self.encode_images(train_images), observer)
+        summary |= self.fit_adaptation(train_images, observer)
+        self.fit_severity(train_images, observer)
+        summary |= self.calibrate(val_images, observer)
+        return summary
+
+    def prepare_fit(self, train_images: torch.Tensor, val_images: torch.Tensor) -> None:
+        """Check the inputs, seed, and move to the training device (before any stage)."""
         if len(train_images) < 2:
             raise EdgeADError(f"need at least 2 normal training images, got {len(train_images)}")
         if len(val_images) < 1:
             raise EdgeADError("need at least 1 held-out normal image to calibrate the threshold")
-        device = resolve_device(cfg.runtime.device)
-        torch.manual_seed(cfg.runtime.seed)
-        self.to(device)
-        summary: dict[str, float] = {}
+        torch.manual_seed(self.settings.runtime.seed)
+        self.to(resolve_device(self.settings.runtime.device))
 
-        # 1. Autoencoder E/D (skipped for a pretrained one: the paper uses SD's VAE as is).
-        vae = self.codec.vae
+    def fit_autoencoder(
+        self,
+        train_images: torch.Tensor,
+        observer: FitObserver | None = None,
+        control: LoopControl | None = None,
+        seed_offset: int = 0,
+    ) -> dict[str, float]:
+        """Stage 1: the autoencoder E/D (skipped for a pretrained one: the paper uses SD's VAE
+        as is). ``seed_offset`` (the worker rank) gives each worker its own crops."""
+        cfg = self.settings
+        summary: dict[str, float] = {}
         if cfg.autoencoder.pretrained is None and cfg.autoencoder.epochs > 0:
-            summary |= train_autoencoder(
-                vae,
+            summary = train_autoencoder(
+                self.codec.vae,
                 train_images,
                 cfg.autoencoder,
-                device,
+                self.device,
                 observer,
-                cfg.runtime.seed,
+                cfg.runtime.seed + seed_offset,
                 perceptual=self.perceptual_loss() if cfg.autoencoder.perceptual_weight else None,
+                control=control,
             )
-        if cfg.autoencoder.pretrained is None:
-            batches = [to_model_range(b).to(device) for b in train_images.split(16)]
-            self.codec.scaling_factor = estimate_scaling_factor(vae, batches)
-        vae.eval().requires_grad_(False)
+        self.codec.vae.eval().requires_grad_(False)
+        return summary
 
-        # 2. Latent UNet on z0 = E(x) of the training images.
-        with torch.no_grad():
-            latents = torch.cat(
-                [
-                    self.codec.encode(to_model_range(b).to(device)).cpu()
-                    for b in train_images.split(16)
-                ]
-            )
+    @torch.no_grad()
+    def fit_scaling(self, train_images: torch.Tensor) -> None:
+        """1/std of the training latents (a trained autoencoder; a pretrained one has its own).
+        Data-parallel workers call this on *all* train images so they agree on the scale."""
+        if self.settings.autoencoder.pretrained is None:
+            batches = [to_model_range(b).to(self.device) for b in train_images.split(16)]
+            self.codec.scaling_factor = estimate_scaling_factor(self.codec.vae, batches)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled latents z0 = E(x) of uint8 images, on the CPU."""
+        return torch.cat(
+            [self.codec.encode(to_model_range(b).to(self.device)).cpu() for b in images.split(16)]
+        )
+
+    def fit_unet(
+        self,
+        latents: torch.Tensor,
+        observer: FitObserver | None = None,
+        control: LoopControl | None = None,
+        seed_offset: int = 0,
+    ) -> dict[str, float]:
+        """Stage 2: the latent UNet on z0 = E(x) of the training images."""
+        cfg = self.settings
         u = cfg.unet
         scheduler = make_noise_scheduler(u.beta_start, u.beta_end, u.num_train_timesteps)
-        summary |= train_unet(self.unet, latents, scheduler, u, device, observer, cfg.runtime.seed)
+        summary = train_unet(
+            self.unet,
+            latents,
+            scheduler,
+            u,
+            self.device,
+            observer,
+            cfg.runtime.seed + seed_offset,
+            control=control,
+        )
         self.unet.eval().requires_grad_(False)
+        return summary
 
-        # 3. Domain adaptation of φ on (x, x̂) pairs of normal images.
+    def fit_adaptation(
+        self, train_images: torch.Tensor, observer: FitObserver | None = None
+    ) -> dict[str, float]:
+        """Stage 3: domain adaptation of φ on (x, x̂) pairs of normal images."""
+        cfg = self.settings
+        summary: dict[str, float] = {}
         if cfg.adapt.epochs > 0:
             self.backbone.requires_grad_(True)
-            summary |= adapt_backbone(
+            summary = adapt_backbone(
                 self.backbone,
                 train_images,
                 lambda x, t: self.reconstruct(x, t)[2],
                 self.timestep_choices(),
                 cfg.adapt,
-                device,
+                self.device,
                 observer,
                 cfg.runtime.seed,
             )
         self.backbone.eval().requires_grad_(False)
+        return summary
 
-        # 4. DIC: KNN index and bins over the training features (adapted φ).
+    @torch.no_grad()
+    def fit_severity(self, train_images: torch.Tensor, observer: FitObserver | None = None) -> None:
+        """Stage 4, DIC: KNN index and bins over the training features (adapted φ)."""
+        observer = observer or FitObserver()
         observer.stage_start("knn", len(train_images))
         vectors = []
-        with torch.no_grad():
-            for b in train_images.split(16):
-                vectors.append(self.severity_vectors(self.backbone(to_model_range(b).to(device))))
-                observer.advance("knn", len(b))
-        s = cfg.severity
+        for b in train_images.split(16):
+            vectors.append(self.severity_vectors(self.backbone(to_model_range(b).to(self.device))))
+            observer.advance("knn", len(b))
+        s = self.settings.severity
         self.severity.fit(np.concatenate(vectors), k=s.k, num_bins=s.num_bins)
         observer.stage_end("knn", {"knn_k": float(self.severity.k)})
-
-        # 5. Calibration on held-out normals: map statistics, then the score threshold.
-        summary |= self.calibrate(val_images, observer)
-        return summary
 
     @torch.no_grad()
     def calibrate(

@@ -67,11 +67,27 @@ def test_bad_setting_is_a_clear_error(synth_root: Path, run_cli: RunCli) -> None
 def test_not_yet_available_commands_exit_2_without_fake_output(
     run_cli: RunCli,
 ) -> None:
-    for args in (["serve"], ["broker"], ["promote", "-p", "x"], ["verdicts"]):
+    for args in (["serve"], ["broker"], ["verdicts"]):
         result = run_cli(*args)
         assert result.returncode == 2, args
         assert "not available yet" in result.stderr
         assert result.stdout.strip() == ""
+
+
+def test_registry_commands_on_an_empty_store(run_cli: RunCli) -> None:
+    result = run_cli("promote", "-p", "nothing-here")
+    assert result.returncode == 1
+    assert "nothing-here" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("models")
+    assert result.returncode == 0 and "no registered models" in result.stdout
+
+
+def test_train_needs_a_product_and_rejects_duplicates(run_cli: RunCli, tmp_path: Path) -> None:
+    result = run_cli("train")
+    assert result.returncode != 0 and "--product" in result.stderr
+    result = run_cli("train", "-p", "a", "-p", "a", "--data-root", str(tmp_path))
+    assert result.returncode != 0 and "listed twice: a" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_missing_model_and_images(tmp_path: Path, run_cli: RunCli) -> None:
