@@ -155,6 +155,12 @@ class RuntimeConfig(_Section):
     checkpoint_every: int = Field(
         1, ge=1, description="Ray Train checkpoint every N autoencoder/UNet epochs."
     )
+    checkpoint_interval_s: float = Field(
+        30.0,
+        ge=0,
+        description="...but at most one per this many seconds (each costs ~2 s), plus one at the "
+        "end of every stage; 0 = every N epochs whatever they cost.",
+    )
     seed: int = 0
 
 

@@ -8,9 +8,10 @@ cluster (``RAY_ADDRESS``, NCCL). Per product:
   number of steps and the all-reduces line up);
 * the autoencoder and the UNet are data-parallel: their loss modules are wrapped in DDP by
   ``ray.train.torch.prepare_model``, so gradients are all-reduced in ``backward``;
-* after every ``runtime.checkpoint_every`` epochs rank 0 reports a Ray Train checkpoint
-  (pipelines/checkpoint.py); a worker that dies (``FailureConfig.max_failures``) or a command
-  that is run again with ``--resume`` continues from the latest one;
+* after every ``runtime.checkpoint_every`` epochs (at most one per
+  ``runtime.checkpoint_interval_s``, and at every stage's end) rank 0 reports a Ray Train
+  checkpoint (pipelines/checkpoint.py); a worker that dies (``FailureConfig.max_failures``)
+  or a command that is run again with ``--resume`` continues from the latest one;
 * the stages that are not data-parallel run once on rank 0 while the other workers wait at the
   next report: domain adaptation of φ (≤ 3 short epochs), the KNN index and bins, calibration,
   the bundle, the evaluation on the held-back test split, heatmaps and the severity histogram;
@@ -199,18 +200,41 @@ def _report(metrics: dict[str, Any], folder: Path | None, name: str) -> None:
 
 
 def _checkpointer(
-    detector: Any, stage: str, epochs: int, every: int, rank: int, metrics: dict[str, Any]
+    detector: Any,
+    stage: str,
+    epochs: int,
+    runtime: Any,
+    rank: int,
+    world: int,
+    metrics: dict[str, Any],
 ) -> Callable[[int, dict[str, Any]], None]:
-    """``on_epoch_end`` for a data-parallel loop: every rank reports (a barrier), rank 0 with
-    a checkpoint every ``every`` epochs and at the last one."""
+    """``on_epoch_end`` for a data-parallel loop: every ``runtime.checkpoint_every`` epochs,
+    but at most once per ``runtime.checkpoint_interval_s`` (a Ray Train checkpoint costs ~2 s,
+    more than a tiny epoch), and always after the stage's last epoch, all ranks report (a
+    barrier) and rank 0 attaches the checkpoint. Rank 0 decides and broadcasts the decision:
+    each rank's clock alone could disagree, and unequal report counts would hang the job."""
+    import torch.distributed as dist
+
+    last_saved = time.monotonic()
 
     def on_epoch_end(epoch: int, loop: dict[str, Any]) -> None:
-        due = (epoch + 1) % every == 0 or epoch + 1 == epochs
+        nonlocal last_saved
+        due = epoch + 1 == epochs or (
+            (epoch + 1) % runtime.checkpoint_every == 0
+            and time.monotonic() - last_saved >= runtime.checkpoint_interval_s
+        )
+        if world > 1 and dist.is_initialized():
+            flag = torch.tensor([int(due)])
+            dist.broadcast(flag, src=0)
+            due = bool(flag.item())
+        if not due:
+            return
         with tempfile.TemporaryDirectory() as tmp:
             folder = None
-            if rank == 0 and due:
+            if rank == 0:
                 folder = write_checkpoint(Path(tmp), detector, stage, epoch, epochs, loop)
             _report({"stage": stage, "epoch": epoch, **metrics}, folder, f"{stage}-{epoch:04d}")
+        last_saved = time.monotonic()
 
     return on_epoch_end
 
@@ -275,12 +299,13 @@ def train_worker(config: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(module, move_to_device=False)
 
     shard = data.train_images[torch.from_numpy(shard_indices(len(data.train_images), rank, world))]
-    every = settings.runtime.checkpoint_every
 
     def control(stage: str, epochs: int) -> LoopControl:
         return LoopControl(
             wrap=wrap,
-            on_epoch_end=_checkpointer(detector, stage, epochs, every, rank, last),
+            on_epoch_end=_checkpointer(
+                detector, stage, epochs, settings.runtime, rank, world, last
+            ),
             resume=resume.loop_state(stage) if resume else None,
         )
 
@@ -303,7 +328,10 @@ def train_worker(config: dict[str, Any]) -> None:
     else:
         detector.unet.eval().requires_grad_(False)
 
-    # Rank 0 alone from here; the others wait at the matching reports.
+    # Rank 0 alone from here; the others wait at the matching reports. Their CPUs on rank 0's
+    # node would idle, so rank 0 takes them (2 workers on a 2-core box: 2 threads, not 1).
+    if rank == 0 and world > 1:
+        torch.set_num_threads(max(1, int(config["threads"])) * ctx.get_local_world_size())
     if not (resume and resume.finished("adaptation")):
         with tempfile.TemporaryDirectory() as tmp:
             folder = None

@@ -171,7 +171,13 @@ def test_killed_worker_resumes_from_checkpoint(
     uri, storage = store
     settings = load_settings(
         "tiny",
-        overrides=[*TINY, "unet.epochs=30", "runtime.workers=2", "runtime.cpus_per_worker=1"],
+        overrides=[
+            *TINY,
+            "unet.epochs=30",
+            "runtime.checkpoint_interval_s=0",
+            "runtime.workers=2",
+            "runtime.cpus_per_worker=1",
+        ],
     )
     opts = TrainOptions(storage_path=storage, tracking_uri=uri, max_failures=2, evaluate=False)
     outcome: dict[str, Any] = {}
@@ -255,3 +261,40 @@ def test_two_products_one_command(
     promoted = run_cli("promote", "-p", "board-a", "--reason", "first line-3 model")
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
     assert registry.alias_version("board-a", "production", uri=uri) == 1
+
+
+def test_resume_continues_a_killed_command(
+    synth_root: Path, tmp_path: Path, run_cli: Callable[..., Any], edge_home: Path
+) -> None:
+    """``edge-ad train`` killed outright (driver, local Ray and all), then ``--resume``."""
+    import subprocess
+    import sys
+
+    sets = [
+        arg
+        for item in [*TINY, "unet.epochs=30", "runtime.checkpoint_interval_s=0"]
+        for arg in ("--set", item)
+    ]
+    args = ["train", "-p", "synth-pcb", "--data-root", str(synth_root), "--profile", "tiny", *sets]
+    env = {**os.environ, "EDGE_AD_HOME": str(edge_home), "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from cli import app; app()", *args],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the local Ray dies with it
+    )
+    storage = edge_home / "ray_results"
+    try:
+        _wait_for(lambda: list(storage.glob("*/unet-*")), 300, "a UNet checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    _wait_for(lambda: not _train_worker_pids(), 60, "the old workers to exit")
+    result = run_cli(*args, "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "continued from checkpoint" in result.stdout
+    assert (edge_home / "models" / "synth-pcb" / "bundle.json").is_file()
+    again = run_cli(*args, "--resume")  # nothing left to resume now
+    assert again.returncode == 1 and "nothing to resume" in again.stderr
