@@ -234,11 +234,13 @@ def train(
     for r in results:
         if r.started_from != "scratch":
             console.print(f"{r.product}: continued from checkpoint {r.started_from}")
+        console.print(f"bundle: [bold]{r.bundle_path}[/]")
         if r.model_version is not None:
             console.print(
-                f"next: edge-ad promote -p {r.product} --version {r.model_version}   "
-                f"(MLflow run {r.mlflow_run_id})"
+                f"registered edge-ad-{r.product} version {r.model_version} (alias staging, "
+                f"MLflow run {r.mlflow_run_id})"
             )
+            console.print(f"next: edge-ad promote -p {r.product} --version {r.model_version}")
 
 
 @app.command(

@@ -125,9 +125,10 @@ def test_two_workers_train_track_register_promote(
     registry.promote("synth-pcb", version=better, uri=uri, force=True, reason="back")
 
     # The pyfunc model behind the alias scores frames exactly as the bundle does.
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    model = mlflow.pyfunc.load_model("models:/edge-ad-synth-pcb@production")
+    # load_model reads MLflow's process-wide URIs: set them for this call only (set_tracking_uri
+    # also exports MLFLOW_TRACKING_URI, which would leak into later tests).
+    with registry._mlflow_globals(uri):
+        model = mlflow.pyfunc.load_model("models:/edge-ad-synth-pcb@production")
     prod_bundle = load_bundle(tmp_path / f"v{better}")
     size = prod_bundle.detector.settings.data.image_size
     frames = _test_frames(synth_root, "synth-pcb", size)
