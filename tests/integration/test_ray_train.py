@@ -97,6 +97,15 @@ def test_two_workers_train_track_register_promote(
 
     versions = registry.list_versions("synth-pcb", uri=uri)
     assert [v.version for v in versions] == [1] and "staging" in versions[0].aliases
+    # The registered version carries the bundle itself, and it scores like the one on disk.
+    registered, info = registry.resolve_bundle("models:/edge-ad-synth-pcb/1", uri)
+    assert int(info["version"]) == 1
+    size = bundle.detector.settings.data.image_size
+    frames = torch.from_numpy(_test_frames(synth_root, "synth-pcb", size)).permute(0, 3, 1, 2)
+    assert torch.equal(
+        load_bundle(registered).detector.predict(frames).scores,
+        bundle.detector.predict(frames).scores,
+    )
 
     # A deliberately crippled candidate: hardly trained, no adaptation.
     weak_settings = load_settings(
