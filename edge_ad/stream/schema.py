@@ -1,0 +1,172 @@
+"""The Kafka contract (DESIGN.md): frames in, verdicts out, bad frames to the DLQ.
+
+* ``edge-ad.frames``: key = camera id (Kafka keeps order per key, so per camera), value = the
+  encoded image (PNG/JPEG bytes), headers ``product``, ``frame_id``, ``line``, ``camera``, ``ts``.
+* ``edge-ad.verdicts``: key = frame_id, value = UTF-8 JSON with at least the fields of
+  :class:`Verdict`. Delivery is at-least-once, so consumers dedupe on ``frame_id``.
+* ``edge-ad.frames.dlq``: the original key, value and headers, plus an ``error`` header that says
+  why the frame could not be scored.
+
+Decoding never trusts the bytes: every problem is a :class:`BadFrame` with a one-line reason,
+which is what goes into the DLQ's ``error`` header. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edge_ad.errors import EdgeADError
+
+FRAMES_TOPIC = "edge-ad.frames"
+VERDICTS_TOPIC = "edge-ad.verdicts"
+DLQ_TOPIC = "edge-ad.frames.dlq"
+FRAME_HEADERS = ("product", "frame_id", "line", "camera", "ts")
+ERROR_HEADER = "error"
+MAX_HEADER_CHARS = 256
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+class BadFrame(EdgeADError):
+    """A frame that cannot be scored; its message is the DLQ ``error`` header."""
+
+
+class BadVerdict(EdgeADError):
+    """A verdict message that does not follow the schema."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One camera frame as it travels on the frames topic."""
+
+    frame_id: str
+    product: str
+    line: str
+    camera: str
+    ts: float  # capture time, seconds since the epoch
+    image: bytes  # encoded PNG/JPEG
+
+    def key(self) -> bytes:
+        return self.camera.encode()
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [(name, str(getattr(self, name)).encode()) for name in FRAME_HEADERS]
+
+
+def _header_map(headers: Headers | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in headers or ():
+        try:
+            name, raw = item
+        except (TypeError, ValueError):
+            raise BadFrame(f"malformed header entry {item!r:.60}") from None
+        try:
+            text = bytes(raw or b"").decode("utf-8")
+        except (UnicodeDecodeError, TypeError):
+            raise BadFrame(f"header {name!r} is not UTF-8 text") from None
+        out[str(name)] = text
+    return out
+
+
+def decode_frame(key: bytes | None, value: bytes | None, headers: Headers | None) -> Frame:
+    """A Kafka record of the frames topic → :class:`Frame`, or :class:`BadFrame` saying why not.
+
+    Checks the contract only (headers, types, a non-empty value); whether the bytes are an image
+    of the right size, and whether the product has a model, is for the stage that knows.
+    """
+    found = _header_map(headers)
+    missing = [h for h in FRAME_HEADERS if not found.get(h, "").strip()]
+    if missing:
+        raise BadFrame(f"missing header(s): {', '.join(missing)}")
+    too_long = [h for h in FRAME_HEADERS if len(found[h]) > MAX_HEADER_CHARS]
+    if too_long:
+        raise BadFrame(
+            f"header(s) longer than {MAX_HEADER_CHARS} characters: {', '.join(too_long)}"
+        )
+    try:
+        ts = float(found["ts"])
+    except ValueError:
+        raise BadFrame(
+            f"header ts={found['ts']!r:.40} is not a number (seconds since epoch)"
+        ) from None
+    if not math.isfinite(ts):
+        raise BadFrame(f"header ts={found['ts']!r:.40} is not a finite time")
+    if not value:
+        raise BadFrame("empty value: the frame carries no image")
+    camera = found["camera"]
+    if key is not None and key != camera.encode():
+        raise BadFrame(f"record key {key[:40]!r} differs from header camera={camera!r}")
+    return Frame(
+        frame_id=found["frame_id"],
+        product=found["product"],
+        line=found["line"],
+        camera=camera,
+        ts=ts,
+        image=bytes(value),
+    )
+
+
+def dlq_headers(headers: Headers | None, error: str) -> list[tuple[str, bytes]]:
+    """The original headers (an earlier ``error`` replaced) plus ``error`` = one-line reason."""
+    reason = " ".join(str(error).split())[:1000] or "unknown error"
+    kept = [(n, bytes(v or b"")) for n, v in (headers or ()) if n != ERROR_HEADER]
+    return [*kept, (ERROR_HEADER, reason.encode())]
+
+
+@dataclass
+class Verdict:
+    """What edge-ad says about one frame (the verdicts topic's JSON)."""
+
+    frame_id: str
+    product: str
+    camera: str
+    line: str
+    model_version: str
+    score: float
+    threshold: float
+    is_anomalous: bool
+    timestep: int
+    boxes: list[dict[str, Any]] = field(default_factory=list)
+    latency_ms: float = 0.0
+    ts: float = 0.0  # the frame's capture time, copied through
+
+    def key(self) -> bytes:
+        return self.frame_id.encode()
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Verdict:
+        try:
+            raw = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise BadVerdict(f"verdict is not JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise BadVerdict("verdict JSON is not an object")
+        names = [f for f in cls.__dataclass_fields__]
+        required = [f for f in names if f not in ("boxes", "latency_ms", "ts")]
+        missing = [f for f in required if f not in raw]
+        if missing:
+            raise BadVerdict(f"verdict lacks field(s): {', '.join(missing)}")
+        try:
+            return cls(
+                frame_id=str(raw["frame_id"]),
+                product=str(raw["product"]),
+                camera=str(raw["camera"]),
+                line=str(raw["line"]),
+                model_version=str(raw["model_version"]),
+                score=float(raw["score"]),
+                threshold=float(raw["threshold"]),
+                is_anomalous=bool(raw["is_anomalous"]),
+                timestep=int(raw["timestep"]),
+                boxes=list(raw.get("boxes", [])),
+                latency_ms=float(raw.get("latency_ms", 0.0)),
+                ts=float(raw.get("ts", 0.0)),
+            )
+        except (TypeError, ValueError) as err:
+            raise BadVerdict(f"verdict field has the wrong type: {err}") from None
