@@ -421,9 +421,38 @@ def verdicts(
 @app.command(epilog="Example:  edge-ad broker --port 9092")
 def broker(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Loopback port to listen on.")] = 9092,
+    partitions: Annotated[
+        int, typer.Option(min=1, help="Partitions of the frames topic (consumers in parallel).")
+    ] = 4,
 ) -> None:
-    """Start the embedded Kafka-protocol broker (tansu) and create the topics."""
-    _not_yet("broker", 6)
+    """Start the embedded Kafka-protocol broker (tansu) and create the topics; Ctrl-C stops it.
+
+    For laptops and tests: loopback only, messages in memory (gone when it stops). In
+    production point --bootstrap-servers at a real Kafka.
+    """
+    import signal
+    import threading
+
+    from edge_ad.stream.broker import EmbeddedBroker
+    from edge_ad.stream.schema import DLQ_TOPIC, FRAMES_TOPIC, VERDICTS_TOPIC
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedBroker(port=port, frames_partitions=partitions) as running:
+        console.print(
+            f"broker listening on [bold]{running.bootstrap}[/] (in memory); topics "
+            f"{FRAMES_TOPIC} ({partitions} partitions), {VERDICTS_TOPIC}, {DLQ_TOPIC}"
+        )
+        console.print(
+            f"use --bootstrap-servers {running.bootstrap} or EDGE_AD_BOOTSTRAP; Ctrl-C stops it"
+        )
+        while not stop.wait(0.5):
+            if running.process is not None and running.process.poll() is not None:
+                raise EdgeADError(
+                    f"the broker exited unexpectedly (code {running.process.returncode})"
+                )
+    console.print("broker stopped")
 
 
 @app.command(epilog="Example:  edge-ad demo  ·  edge-ad demo --profile cpu --workdir demo/")

@@ -67,7 +67,7 @@ def test_bad_setting_is_a_clear_error(synth_root: Path, run_cli: RunCli) -> None
 def test_not_yet_available_commands_exit_2_without_fake_output(
     run_cli: RunCli,
 ) -> None:
-    for args in (["serve"], ["broker"], ["verdicts"]):
+    for args in (["serve"], ["verdicts"]):
         result = run_cli(*args)
         assert result.returncode == 2, args
         assert "not available yet" in result.stderr
