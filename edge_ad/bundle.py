@@ -65,6 +65,30 @@ def _strip(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k[start:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
+def _weight_parts(detector: D3AD) -> dict[str, torch.nn.Module]:
+    """The learned modules and the key prefix each has in a weights file."""
+    return {
+        "vae": detector.codec.vae,
+        "unet": detector.unet,
+        "backbone": detector.backbone.model,
+    }
+
+
+def detector_weights(detector: D3AD) -> dict[str, torch.Tensor]:
+    """``vae.*``, ``unet.*``, ``backbone.*``: every learned weight, as CPU copies for
+    safetensors (bundles and Ray Train checkpoints write the same keys)."""
+    weights: dict[str, torch.Tensor] = {}
+    for name, module in _weight_parts(detector).items():
+        weights |= _prefixed(name, module.state_dict())
+    return weights
+
+
+def load_detector_weights(detector: D3AD, weights: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`detector_weights` wrote into ``detector``'s modules (strict)."""
+    for name, module in _weight_parts(detector).items():
+        module.load_state_dict(_strip(name, weights))
+
+
 def save_bundle(
     detector: D3AD,
     path: str | Path,
@@ -80,11 +104,7 @@ def save_bundle(
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise EdgeADError(f"cannot write the bundle to {path}: {err.strerror}") from None
-    weights = (
-        _prefixed("vae", detector.codec.vae.state_dict())
-        | _prefixed("unet", detector.unet.state_dict())
-        | _prefixed("backbone", detector.backbone.model.state_dict())
-    )
+    weights = detector_weights(detector)
     state = _prefixed("severity", detector.severity.state_dict()) | _prefixed(
         "normalizer", detector.normalizer.to_arrays()
     )
@@ -177,11 +197,7 @@ def _rebuild(path: Path, meta: dict[str, Any]) -> D3AD:
     unet = UNet2DModel.from_config(_config_without_private(meta["unet_config"]))
     backbone = FeatureBackbone(meta["backbone"]["name"], meta["backbone"]["layers"], weights=None)
     backbone.weights_source = meta["backbone"].get("weights_source", "bundle")
-    weights = load_file(str(path / WEIGHTS_FILE))
     state = load_file(str(path / STATE_FILE))
-    vae.load_state_dict(_strip("vae", weights))
-    unet.load_state_dict(_strip("unet", weights))
-    backbone.model.load_state_dict(_strip("backbone", weights))
     severity = SeverityIndex.from_state(
         {k: v.numpy() for k, v in _strip("severity", state).items()}
     )
@@ -189,6 +205,7 @@ def _rebuild(path: Path, meta: dict[str, Any]) -> D3AD:
     detector = D3AD(
         settings, vae, unet, backbone, severity, normalizer, threshold=float(meta["threshold"])
     )
+    load_detector_weights(detector, load_file(str(path / WEIGHTS_FILE)))
     detector.codec.scaling_factor = float(meta["scaling_factor"])
     return detector
 

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -496,27 +496,41 @@ def _iso(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds")
 
 
-def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
-    found: list[ModelVersion] = []
+def _all_pages(search: Callable[[str | None], Any]) -> list[Any]:
+    """Every item of a paged MLflow search (``search(page_token)`` returns a PagedList)."""
+    found: list[Any] = []
     token = None
     while True:
-        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        page = search(token)
         found.extend(page)
         token = page.token
         if not token:
-            return sorted(found, key=lambda mv: -int(mv.version))
+            return found
+
+
+def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    found = _all_pages(lambda t: client.search_model_versions(f"name = '{name}'", page_token=t))
+    return sorted(found, key=lambda mv: -int(mv.version))
+
+
+def _find_registered_model(client: MlflowClient, product: str) -> RegisteredModel | None:
+    """The product's registered model, or None when it has none."""
+    try:
+        return client.get_registered_model(model_name(product))
+    except MlflowException as err:
+        if _not_found(err):
+            return None
+        raise
 
 
 def _registered_model(client: MlflowClient, product: str, uri: str) -> RegisteredModel:
-    name = model_name(product)
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as err:
-        if _not_found(err):
-            raise EdgeADError(
-                f"no registered model {name} in {uri}; train one with `edge-ad train -p {product}`"
-            ) from None
-        raise
+    rm = _find_registered_model(client, product)
+    if rm is None:
+        name = model_name(product)
+        raise EdgeADError(
+            f"no registered model {name} in {uri}; train one with `edge-ad train -p {product}`"
+        )
+    return rm
 
 
 def _aliases_by_version(rm: RegisteredModel) -> dict[int, list[str]]:
@@ -534,21 +548,13 @@ def list_versions(product: str | None = None, uri: str | None = None) -> list[Ve
     resolved = tracking_uri(uri)
     client = _client(resolved)
     with _friendly(resolved):
-        models: list[RegisteredModel] = []
         if product is not None:
-            try:
-                models.append(client.get_registered_model(model_name(product)))
-            except MlflowException as err:
-                if not _not_found(err):
-                    raise
+            found = _find_registered_model(client, product)
+            models = [found] if found is not None else []
         else:
-            token = None
-            while True:
-                page = client.search_registered_models(f"name LIKE '{PREFIX}%'", page_token=token)
-                models.extend(page)
-                token = page.token
-                if not token:
-                    break
+            models = _all_pages(
+                lambda t: client.search_registered_models(f"name LIKE '{PREFIX}%'", page_token=t)
+            )
         out: list[tuple[int, VersionInfo]] = []
         for rm in sorted(models, key=lambda m: m.name):
             aliases = _aliases_by_version(rm)
@@ -572,12 +578,9 @@ def alias_version(product: str, alias: str = PRODUCTION, uri: str | None = None)
     resolved = tracking_uri(uri)
     client = _client(resolved)
     with _friendly(resolved):
-        try:
-            rm = client.get_registered_model(model_name(product))
-        except MlflowException as err:
-            if _not_found(err):
-                return None
-            raise
+        rm = _find_registered_model(client, product)
+    if rm is None:
+        return None
     version = (rm.aliases or {}).get(alias)
     return int(version) if version is not None else None
 

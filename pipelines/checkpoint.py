@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from edge_ad.bundle import detector_weights, load_detector_weights
 from edge_ad.d3ad.detector import D3AD
 from edge_ad.d3ad.trainer import LoopState
 
@@ -59,19 +60,6 @@ class Resume:
         return None
 
 
-def _weights(detector: D3AD) -> dict[str, torch.Tensor]:
-    parts = {
-        "vae": detector.codec.vae,
-        "unet": detector.unet,
-        "backbone": detector.backbone.model,
-    }
-    return {
-        f"{name}.{key}": value.detach().cpu().contiguous().clone()
-        for name, module in parts.items()
-        for key, value in module.state_dict().items()
-    }
-
-
 def write_checkpoint(
     folder: Path,
     detector: D3AD,
@@ -84,7 +72,7 @@ def write_checkpoint(
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(_weights(detector), str(folder / WEIGHTS_FILE))
+    save_file(detector_weights(detector), str(folder / WEIGHTS_FILE))
     progress = {
         "stage": stage,
         "epoch": epoch,
@@ -100,16 +88,7 @@ def write_checkpoint(
 def read_checkpoint(folder: Path, detector: D3AD) -> Resume:
     """Load the checkpoint's weights into ``detector``; return where training stands."""
     progress: dict[str, Any] = json.loads((folder / PROGRESS_FILE).read_text())
-    weights = load_file(str(folder / WEIGHTS_FILE))
-    for name, module in (
-        ("vae", detector.codec.vae),
-        ("unet", detector.unet),
-        ("backbone", detector.backbone.model),
-    ):
-        start = len(name) + 1
-        module.load_state_dict(
-            {k[start:]: v for k, v in weights.items() if k[:start] == name + "."}
-        )
+    load_detector_weights(detector, load_file(str(folder / WEIGHTS_FILE)))
     detector.codec.scaling_factor = float(progress["scaling_factor"])
     loop_file = folder / LOOP_FILE
     loop = torch.load(loop_file, weights_only=True) if loop_file.is_file() else None
