@@ -108,11 +108,21 @@ def read_image(path: str | Path, size: int) -> np.ndarray:
     return _resize(_to_rgb_array(_open(Path(path), str(path))), size)
 
 
+def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Encoded bytes (PNG/JPEG/...) → ``uint8`` RGB at their own size, with the same colour
+    conversions as :func:`read_image`. Raises DatasetError for bytes that are not an image."""
+    return _to_rgb_array(_open(bytes(data), name))
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """``uint8`` RGB to ``size x size`` exactly as :func:`read_image` resizes files."""
+    return _resize(image, _check_size(size))
+
+
 def decode_image(data: bytes, size: int, name: str = "<bytes>") -> np.ndarray:
     """Like :func:`read_image` for encoded bytes (PNG/JPEG/... as received from a stream), so
     that serving sees exactly the pixels training saw."""
-    size = _check_size(size)
-    return _resize(_to_rgb_array(_open(bytes(data), name)), size)
+    return resize_image(decode_rgb(data, name), size)
 
 
 def read_mask(path: str | Path | None, size: int) -> np.ndarray:

@@ -117,6 +117,13 @@ def dlq_headers(headers: Headers | None, error: str) -> list[tuple[str, bytes]]:
     return [*kept, (ERROR_HEADER, reason.encode())]
 
 
+_OPTIONAL = ("boxes", "latency_ms", "ts", "severity_distance", "heatmap")
+
+
+def _optional(value: Any, kind: type) -> Any:
+    return None if value is None else kind(value)
+
+
 @dataclass
 class Verdict:
     """What edge-ad says about one frame (the verdicts topic's JSON)."""
@@ -133,6 +140,8 @@ class Verdict:
     boxes: list[dict[str, Any]] = field(default_factory=list)
     latency_ms: float = 0.0
     ts: float = 0.0  # the frame's capture time, copied through
+    severity_distance: float | None = None  # DIC's mean KNN distance (why this T̂)
+    heatmap: str | None = None  # base64 PNG thumbnail of the map (anomalous frames)
 
     def key(self) -> bytes:
         return self.frame_id.encode()
@@ -149,7 +158,7 @@ class Verdict:
         if not isinstance(raw, dict):
             raise BadVerdict("verdict JSON is not an object")
         names = [f for f in cls.__dataclass_fields__]
-        required = [f for f in names if f not in ("boxes", "latency_ms", "ts")]
+        required = [f for f in names if f not in _OPTIONAL]
         missing = [f for f in required if f not in raw]
         if missing:
             raise BadVerdict(f"verdict lacks field(s): {', '.join(missing)}")
@@ -167,6 +176,8 @@ class Verdict:
                 boxes=list(raw.get("boxes", [])),
                 latency_ms=float(raw.get("latency_ms", 0.0)),
                 ts=float(raw.get("ts", 0.0)),
+                severity_distance=_optional(raw.get("severity_distance"), float),
+                heatmap=_optional(raw.get("heatmap"), str),
             )
         except (TypeError, ValueError) as err:
             raise BadVerdict(f"verdict field has the wrong type: {err}") from None
