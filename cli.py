@@ -383,39 +383,262 @@ def models(
 # ----------------------------------------------------------------------------- streaming
 
 
-@app.command(epilog="Example:  edge-ad serve --products pcb1,pcb2")
+def _replicas(text: str) -> tuple[int, int]:
+    """``N`` or ``MIN:MAX`` (autoscaling between them)."""
+    try:
+        low, _, high = text.partition(":")
+        pair = (int(low), int(high or low))
+    except ValueError:
+        raise EdgeADError(f"--scorer-replicas {text!r}: use N or MIN:MAX, e.g. 1:4") from None
+    if pair[0] < 1 or pair[1] < pair[0]:
+        raise EdgeADError(f"--scorer-replicas {text!r}: need 1 <= MIN <= MAX")
+    return pair
+
+
+@app.command(
+    epilog="Examples:  edge-ad serve  ·  edge-ad serve --products pcb1,pcb2 --scorer-replicas 1:4"
+    "  ·  RAY_ADDRESS=ray://head:10001 edge-ad serve --bootstrap-servers kafka:9092"
+)
 def serve(
     products: Annotated[
-        str | None, typer.Option(help="Comma-separated products (default: all in production).")
+        str | None,
+        typer.Option(help="Comma-separated products to accept (default: any with a model)."),
     ] = None,
     bootstrap_servers: BootstrapOpt = None,
     tracking_uri: TrackingOpt = None,
+    alias: Annotated[str, typer.Option(help="Registry alias whose version scores.")] = "production",
+    scorer_replicas: Annotated[
+        str, typer.Option(help="Scorer replicas: N, or MIN:MAX to autoscale.")
+    ] = "1",
+    ingress_replicas: Annotated[
+        int, typer.Option(min=1, help="Consumers in the group (at most the frames partitions).")
+    ] = 1,
+    scorer_cpus: Annotated[float, typer.Option(min=0.1, help="CPUs reserved per scorer.")] = 1.0,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Frames per detector batch.")] = 8,
+    max_in_flight: Annotated[
+        int, typer.Option(min=1, help="Frames between poll and acknowledgement, per consumer.")
+    ] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """Run the Ray Serve graph: Kafka frames → severity → reconstruction → map → verdicts."""
-    _not_yet("serve", 6)
+    """Run the Ray Serve graph: Kafka frames → severity → reconstruction → map → verdicts.
+
+    Each frame is scored by the version of edge-ad-<product> holding the alias (checked every
+    2 s, so a promotion takes effect without a restart). Verdicts go to edge-ad.verdicts, bad
+    frames to edge-ad.frames.dlq with the reason. Runs on a local Ray (started for you) or on
+    the cluster in $RAY_ADDRESS; Ctrl-C stops it.
+    """
+    import signal
+    import threading
+
+    from edge_ad import registry
+    from edge_ad.paths import edge_home
+    from edge_ad.stream.kafka_io import check_reachable
+    from pipelines.serve import ServeOptions, start_serving, stop_serving
+
+    low, high = _replicas(scorer_replicas)
+    bootstrap = check_reachable(bootstrap_servers)
+    uri = registry.tracking_uri(tracking_uri)
+    names = tuple(p.strip() for p in (products or "").split(",") if p.strip())
+    for name in names:
+        if registry.alias_version(name, alias, uri) is None:
+            console.print(
+                f"[yellow]warning:[/] no version of edge-ad-{name} holds {alias!r} yet: its "
+                f"frames go to the DLQ until you run `edge-ad promote -p {name}`"
+            )
+    options = ServeOptions(
+        bootstrap=bootstrap,
+        tracking_uri=uri,
+        products=names,
+        alias=alias,
+        ingress_replicas=ingress_replicas,
+        scorer_min_replicas=low,
+        scorer_max_replicas=high,
+        scorer_cpus=scorer_cpus,
+        max_batch_size=max_batch_size,
+        max_in_flight=max_in_flight,
+        device=device,
+        edge_home=str(edge_home().resolve()),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print(f"starting the Serve graph (Kafka {bootstrap}, MLflow {uri}) ...")
+    handle = start_serving(options)
+    try:
+        console.print(
+            f"[bold green]serving[/] {', '.join(names) or 'every product'} ({alias}); "
+            f"watch with `edge-ad verdicts --follow --bootstrap-servers {bootstrap}`; Ctrl-C stops"
+        )
+        last = None
+        while not stop.wait(5.0):
+            stats = handle.get_stats.remote().result(timeout_s=30)
+            line = (
+                f"consumed {stats['consumed']} · verdicts {stats['verdicts']} · DLQ "
+                f"{stats['dlq']} · in flight {stats['in_flight']} · retries {stats['retries']}"
+            )
+            if line != last:
+                console.print(line, highlight=False)
+                last = line
+    finally:
+        console.print("stopping (uncommitted frames are re-read by the next consumer) ...")
+        stop_serving()
+    console.print("serve stopped")
 
 
-@app.command(epilog="Example:  edge-ad replay -p synth-pcb --source synthetic --fps 20 --count 300")
+def _model_image_size(product: str, tracking_uri: str | None) -> int | None:
+    """The production model's input size, when the registry can tell."""
+    from edge_ad import registry
+    from edge_ad.bundle import read_meta
+
+    try:
+        path, _ = registry.resolve_bundle(
+            f"models:/{registry.model_name(product)}@production", tracking_uri
+        )
+    except EdgeADError:
+        return None
+    return int(read_meta(path)["settings"]["data"]["image_size"])
+
+
+@app.command(
+    epilog="Examples:  edge-ad replay -p synth-pcb --source synthetic --fps 20 --count 300  ·  "
+    "edge-ad replay -p pcb1 --source /data/mvtec/pcb1/test --fps 5"
+)
 def replay(
     product: ProductOpt,
-    source: Annotated[str, typer.Option(help="Image folder, or 'synthetic'.")] = "synthetic",
-    fps: Annotated[float, typer.Option(min=0.1, help="Frames per second.")] = 10.0,
+    source: Annotated[
+        str, typer.Option(help="Image folder (test/<type>/ gives truth), or 'synthetic'.")
+    ] = "synthetic",
+    fps: Annotated[float, typer.Option(min=0.0, help="Frames per second (0: flat out).")] = 10.0,
     count: Annotated[int, typer.Option(min=1, help="Frames to send.")] = 100,
+    defect_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of synthetic frames with a defect.")
+    ] = 0.2,
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="Frame side in px (default: the production model's input size)."),
+    ] = None,
+    cameras: Annotated[int, typer.Option(min=1, help="Cameras to spread frames over.")] = 1,
+    line: Annotated[str, typer.Option(help="Line id in the headers.")] = "line-1",
+    truth: Annotated[
+        Path | None, typer.Option(help="Write frame_id,label,defect_type lines (JSONL) here.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic frames.")] = 0,
     bootstrap_servers: BootstrapOpt = None,
+    tracking_uri: TrackingOpt = None,
 ) -> None:
     """Camera simulator: publish frames with headers to the frames topic."""
+    from edge_ad.progress import progress_callback
+    from edge_ad.stream.camera import folder_images, publish_frames, synthetic_images
+    from edge_ad.stream.kafka_io import make_producer
+
     if source != "synthetic" and not Path(source).is_dir():
         raise EdgeADError(f"--source {source} is neither a folder nor 'synthetic'")
-    _not_yet("replay", 6)
+    producer = make_producer(bootstrap_servers)  # no broker: say so before anything slow
+    size = image_size or _model_image_size(product, tracking_uri)
+    if source == "synthetic":
+        if size is None:
+            raise EdgeADError(
+                f"no production model for {product} tells the frame size; pass --image-size"
+            )
+        images = synthetic_images(product, size, defect_rate, seed)
+    else:
+        images = folder_images(Path(source), size)
+    sent = []
+    try:
+        with progress_callback(f"replaying {product}") as callback:
+            shots = publish_frames(
+                producer,
+                images,
+                product,
+                count,
+                fps or None,
+                line=line,
+                cameras=tuple(f"cam-{i + 1}" for i in range(cameras)),
+                on_sent=lambda shot: (sent.append(shot), callback(len(sent), count)),
+            )
+    finally:
+        producer.close()
+    if truth is not None:
+        truth.parent.mkdir(parents=True, exist_ok=True)
+        truth.write_text(
+            "".join(
+                json.dumps({"frame_id": s.frame_id, "label": s.label, "defect": s.defect_type})
+                + "\n"
+                for s in shots
+            )
+        )
+    span = max(shots[-1].sent_at - shots[0].sent_at, 1e-9)
+    defects = sum(s.label == 1 for s in shots)
+    console.print(
+        f"sent {len(shots)} frames of {product} ({defects} with a defect) in {span:.1f} s "
+        f"({(len(shots) - 1) / span if len(shots) > 1 else 0:.1f} frames/s)"
+        + (f"; truth in {truth}" if truth else "")
+    )
 
 
-@app.command(epilog="Example:  edge-ad verdicts --follow")
+def _verdict_row(v: Any) -> str:
+    mark = "[bold red]DEFECT[/]" if v.is_anomalous else "[green]ok    [/]"
+    return (
+        f"{mark} {v.frame_id:<24} {v.product:<12} v{v.model_version:<3} score {v.score:6.2f} / "
+        f"{v.threshold:5.2f}  T̂={v.timestep:<3} boxes {len(v.boxes):<2} {v.latency_ms:7.0f} ms"
+    )
+
+
+@app.command(epilog="Examples:  edge-ad verdicts --follow  ·  edge-ad verdicts --dlq")
 def verdicts(
     follow: Annotated[bool, typer.Option(help="Keep printing as verdicts arrive.")] = False,
+    product: Annotated[str | None, typer.Option(help="Only this product.")] = None,
+    dlq: Annotated[bool, typer.Option(help="Show the dead-letter queue instead.")] = False,
+    quiet: Annotated[bool, typer.Option(help="Only the tally, not one line per frame.")] = False,
     bootstrap_servers: BootstrapOpt = None,
 ) -> None:
-    """Print verdicts from the verdicts topic with a running tally."""
-    _not_yet("verdicts", 6)
+    """Print verdicts from the verdicts topic (deduplicated on frame_id) with a running tally."""
+    import signal
+    import threading
+
+    from edge_ad.stream.kafka_io import read_topic
+    from edge_ad.stream.schema import DLQ_TOPIC, ERROR_HEADER, VERDICTS_TOPIC, BadVerdict, Verdict
+    from edge_ad.stream.tally import VerdictTally
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if dlq:
+        shown = 0
+        for record in read_topic(DLQ_TOPIC, bootstrap_servers, follow=follow, stop=stop.is_set):
+            headers = {k: bytes(v or b"").decode("utf-8", "replace") for k, v in record.headers}
+            console.print(
+                f"[yellow]DLQ[/] {headers.get('frame_id', '?'):<24} "
+                f"{headers.get('product', '?'):<12} {headers.get(ERROR_HEADER, '?')}",
+                highlight=False,
+            )
+            shown += 1
+        console.print(f"{shown} frame(s) in {DLQ_TOPIC}")
+        return
+    tally = VerdictTally()
+    malformed = 0
+    for record in read_topic(VERDICTS_TOPIC, bootstrap_servers, follow=follow, stop=stop.is_set):
+        try:
+            verdict = Verdict.from_json(record.value)
+        except BadVerdict:
+            malformed += 1
+            continue
+        if product and verdict.product != product:
+            continue
+        if tally.add(verdict) and not quiet:
+            console.print(
+                f"{_verdict_row(verdict)}  [dim]({tally.frames} frames, {tally.flagged} "
+                "defective)[/]",
+                highlight=False,
+            )
+    s = tally.summary()
+    p50, p99 = s["p50_ms"], s["p99_ms"]
+    console.print(
+        f"{s['frames']} frames, {s['flagged_defective']} defective, {s['duplicates']} duplicate "
+        f"verdict(s) skipped"
+        + (f", latency p50 {p50:.0f} ms / p99 {p99:.0f} ms" if p50 is not None else "")
+        + (f", {malformed} malformed message(s)" if malformed else ""),
+        highlight=False,
+    )
 
 
 @app.command(epilog="Example:  edge-ad broker --port 9092")
@@ -455,66 +678,39 @@ def broker(
     console.print("broker stopped")
 
 
-@app.command(epilog="Example:  edge-ad demo  ·  edge-ad demo --profile cpu --workdir demo/")
+@app.command(epilog="Examples:  edge-ad demo  ·  edge-ad demo --profile cpu --workdir demo/")
 def demo(
     profile: ProfileOpt = "tiny",
     product: Annotated[str, typer.Option(help="Name of the generated product.")] = "synth-pcb",
     workdir: Annotated[
-        Path | None, typer.Option(help="Where data, model and heatmaps go (default: home/demo).")
+        Path | None,
+        typer.Option(help="Where data, MLflow store, model and report go (default: home/demo)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the generated product.")] = 0,
+    frames: Annotated[int, typer.Option(min=10, help="Frames the camera replays.")] = 200,
+    fps: Annotated[float, typer.Option(min=0.5, help="Camera frames per second.")] = 10.0,
+    defect_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of replayed frames with a defect.")
+    ] = 0.25,
 ) -> None:
-    """From nothing to verdicts: generate a product, train it, evaluate it, show heatmaps.
-
-    (The streaming part — broker, Serve graph, replayed frames — joins in a later release.)
+    """From nothing to a live line: generate a product, train it on Ray Train, register and
+    promote it in MLflow, start the embedded broker and the Ray Serve graph, replay frames,
+    and score the streamed verdicts against the truth (HTML report with heatmaps).
     """
-    from edge_ad.config import load_settings
-    from edge_ad.data.synthetic import SynthSpec, generate_dataset
-    from edge_ad.engine import evaluate, infer_images, train_product
     from edge_ad.paths import edge_home
-    from edge_ad.progress import RichFitObserver, make_progress, progress_callback
+    from pipelines.demo import DemoOptions, run_demo
 
-    settings = load_settings(profile)
-    work = workdir or edge_home() / "demo"
-    data_root, model_dir, out_dir = work / "data", work / "models" / product, work / "heatmaps"
-    size = settings.data.image_size
-    console.rule(f"[bold]1/4 generate[/] a synthetic product '{product}' ({size}px)")
-    spec = SynthSpec(image_size=size, n_train=80, n_test_good=30, n_test_per_defect=10, seed=seed)
-    with progress_callback("synthesising") as callback:
-        generate_dataset(product, data_root, spec, progress=callback, overwrite=True)
-    console.rule(f"[bold]2/4 train[/] D3AD, profile {profile}")
-    with make_progress() as progress:
-        result = train_product(
-            product, data_root, settings, model_dir, observer=RichFitObserver(progress)
-        )
-    console.print(f"trained in {result.summary['train_minutes']:.1f} min → {model_dir}")
-    console.rule("[bold]3/4 evaluate[/] on the held-out test images")
-    from edge_ad.bundle import load_bundle
-
-    bundle = load_bundle(model_dir)
-    with progress_callback("scoring") as callback:
-        report = evaluate(bundle, data_root, product, progress=callback)
-    (work / "report.json").write_text(json.dumps(report, indent=2))
-    console.print(
-        f"image AUROC {report['image_auroc']:.3f} · pixel AUROC {report['pixel_auroc']:.3f} · "
-        f"PRO {report['pro']:.3f} · {1000 * report['seconds_per_image']:.0f} ms/image"
-    )
-    by_type = ", ".join(f"{k} {v:.2f}" for k, v in report["image_auroc_by_type"].items())
-    console.print(f"image AUROC by defect type: {by_type}")
-    console.print(
-        f"T̂ chosen: normal {report['timesteps']['normal']}, defect {report['timesteps']['defect']}"
-    )
-    console.rule("[bold]4/4 heatmaps[/] for one image of each type")
-    dataset_dir = data_root / product / "test"
-    examples = [sorted(d.iterdir())[0] for d in sorted(dataset_dir.iterdir()) if d.is_dir()]
-    for v in infer_images(bundle, examples, out_dir):
-        mark = "[bold red]DEFECT[/]" if v["is_anomalous"] else "[green]ok    [/]"
-        console.print(
-            f"{mark} score {v['score']:6.2f}  T̂={v['timestep']:<3} "
-            f"{Path(v['image']).parent.name:<14} → {v['overlay']}"
-        )
-    console.print(
-        f"[bold green]demo finished[/]: report {work / 'report.json'}, heatmaps {out_dir}"
+    run_demo(
+        DemoOptions(
+            workdir=workdir or edge_home() / "demo",
+            profile=profile,
+            product=product,
+            seed=seed,
+            frames=frames,
+            fps=fps,
+            defect_rate=defect_rate,
+        ),
+        console,
     )
 
 

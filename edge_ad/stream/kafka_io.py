@@ -49,6 +49,28 @@ def _unreachable(bootstrap: str, err: Exception) -> EdgeADError:
     )
 
 
+def check_reachable(bootstrap: str | None = None, timeout_s: float = 3.0) -> str:
+    """The resolved bootstrap string, once one of its ``host:port`` accepts a TCP connection.
+
+    kafka-python takes 30-40 s to give up on an address where nothing listens; this says so
+    in a moment, with what to do about it.
+    """
+    import socket
+
+    servers = bootstrap_servers(bootstrap)
+    last: Exception = ConnectionRefusedError("no address given")
+    for address in servers.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+                return servers
+        except ValueError:
+            raise EdgeADError(f"bootstrap address {address!r} is not HOST:PORT") from None
+        except OSError as err:
+            last = err
+    raise _unreachable(servers, last)
+
+
 def make_producer(bootstrap: str | None = None, **overrides: Any):
     """A ``KafkaProducer`` that waits for full acknowledgement and batches for up to 5 ms."""
     from kafka import KafkaProducer
@@ -61,7 +83,7 @@ def make_producer(bootstrap: str | None = None, **overrides: Any):
             RuntimeWarning,
             stacklevel=2,
         )
-    servers = bootstrap_servers(bootstrap)
+    servers = check_reachable(bootstrap)
     config: dict[str, Any] = {
         "bootstrap_servers": servers,
         "acks": "all",
@@ -91,7 +113,7 @@ def make_consumer(
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
-    servers = bootstrap_servers(bootstrap)
+    servers = check_reachable(bootstrap)
     config: dict[str, Any] = {
         "bootstrap_servers": servers,
         "group_id": group_id,
@@ -182,7 +204,12 @@ class OffsetTracker:
 
     def finish(self, partition: Any, offset: int) -> None:
         with self._lock:
-            self._in_flight.get(partition, set()).discard(offset)
+            pending = self._in_flight.get(partition)
+            if pending is None or offset not in pending:
+                # Started before a rebalance took the partition (``forget``): moving the commit
+                # point for it could cover earlier frames that were never acknowledged.
+                return
+            pending.discard(offset)
             self._next[partition] = max(self._next.get(partition, 0), offset + 1)
 
     def in_flight(self) -> int:

@@ -12,13 +12,16 @@ import base64
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from edge_ad.d3ad.detector import D3AD
 from edge_ad.stream.schema import BadFrame, Frame, Verdict
 from edge_ad.visualize import defect_regions
+
+if TYPE_CHECKING:  # the detector pulls in torch and diffusers; the camera side needs neither
+    from edge_ad.d3ad.detector import D3AD
 
 HEATMAP_MAX_SIDE = 128  # verdict heatmaps are thumbnails: a few kB on the topic
 
@@ -65,7 +68,7 @@ def heatmap_png(amap: np.ndarray, threshold: float) -> bytes:
         scale = HEATMAP_MAX_SIDE / side
         grey = cv2.resize(
             grey,
-            (round(grey.shape[1] * scale), round(grey.shape[0] * scale)),
+            (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale))),
             interpolation=cv2.INTER_AREA,
         )
     ok, buf = cv2.imencode(".png", grey)
