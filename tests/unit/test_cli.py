@@ -67,11 +67,41 @@ def test_bad_setting_is_a_clear_error(synth_root: Path, run_cli: RunCli) -> None
 def test_not_yet_available_commands_exit_2_without_fake_output(
     run_cli: RunCli,
 ) -> None:
-    for args in (["serve"], ["verdicts"]):
+    for args in (["compare", "-p", "x"],):
         result = run_cli(*args)
         assert result.returncode == 2, args
         assert "not available yet" in result.stderr
         assert result.stdout.strip() == ""
+
+
+def test_streaming_commands_without_a_broker_say_so_at_once(run_cli: RunCli) -> None:
+    from edge_ad.stream.broker import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    for args in (
+        ["serve", "--bootstrap-servers", address],
+        ["replay", "-p", "x", "--image-size", "64", "--bootstrap-servers", address],
+        ["verdicts", "--bootstrap-servers", address],
+        ["verdicts", "--dlq", "--bootstrap-servers", address],
+    ):
+        result = run_cli(*args, timeout=60)
+        assert result.returncode == 1, args
+        assert f"no Kafka broker answers at {address}" in result.stderr, result.stderr
+        assert "edge-ad broker" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_streaming_commands_reject_bad_options(run_cli: RunCli, tmp_path: Path) -> None:
+    cases = {
+        ("serve", "--scorer-replicas", "3:1"): "1 <= MIN <= MAX",
+        ("serve", "--scorer-replicas", "many"): "use N or MIN:MAX",
+        ("replay", "-p", "x", "--source", str(tmp_path / "nope")): "neither a folder",
+        ("verdicts", "--bootstrap-servers", "no-port"): "is not HOST:PORT",
+    }
+    for args, message in cases.items():
+        result = run_cli(*args, timeout=60)
+        assert result.returncode != 0, args
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
 
 
 def test_registry_commands_on_an_empty_store(run_cli: RunCli) -> None:
