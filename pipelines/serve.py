@@ -516,3 +516,41 @@ def stop_serving() -> None:
         serve.delete(APP_NAME)
     finally:
         serve.shutdown()
+
+
+def app_builder(args: dict[str, str]) -> Any:
+    """The graph for ``serve run pipelines.serve:app_builder bootstrap=kafka:9092 ...`` and for
+    a RayService's ``import_path`` (its ``args``); see :func:`options_from_args`."""
+    return build_app(options_from_args(args))
+
+
+def options_from_args(args: dict[str, Any]) -> ServeOptions:
+    """:class:`ServeOptions` from text arguments. Keys are its fields; ``bootstrap`` and
+    ``tracking_uri`` default to $EDGE_AD_BOOTSTRAP and $MLFLOW_TRACKING_URI, ``products`` is
+    comma-separated."""
+    from dataclasses import fields
+
+    from edge_ad import registry
+    from edge_ad.stream.kafka_io import bootstrap_servers
+
+    known = {f.name: f for f in fields(ServeOptions)}
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise EdgeADError(f"unknown serve option(s): {', '.join(unknown)}")
+    values: dict[str, Any] = {
+        "bootstrap": bootstrap_servers(args.get("bootstrap")),
+        "tracking_uri": registry.tracking_uri(args.get("tracking_uri")),
+    }
+    for name, raw in args.items():
+        if name in ("bootstrap", "tracking_uri"):
+            continue
+        default = known[name].default
+        if name == "products":
+            values[name] = tuple(p.strip() for p in str(raw).split(",") if p.strip())
+        elif isinstance(default, bool):
+            values[name] = str(raw).lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)):
+            values[name] = type(default)(raw)
+        else:
+            values[name] = raw
+    return ServeOptions(**values)

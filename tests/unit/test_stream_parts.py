@@ -364,3 +364,20 @@ def test_a_finish_from_before_a_rebalance_does_not_move_the_commit_point() -> No
     tracker.start("p", 0)  # re-read from the last commit after the partition came back
     tracker.finish("p", 0)
     assert tracker.committable() == {"p": 1}
+
+
+def test_serve_options_from_text_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a RayService's ``args`` (all text) become; unknown keys are an error."""
+    from pipelines.serve import options_from_args
+
+    monkeypatch.setenv("EDGE_AD_BOOTSTRAP", "kafka:9092")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    opts = options_from_args(
+        {"products": "pcb1, pcb2", "max_batch_size": "4", "scorer_cpus": "0.5", "heatmaps": "no"}
+    )
+    assert (opts.bootstrap, opts.tracking_uri) == ("kafka:9092", "http://mlflow:5000")
+    assert opts.products == ("pcb1", "pcb2")
+    assert (opts.max_batch_size, opts.scorer_cpus, opts.heatmaps) == (4, 0.5, False)
+    assert options_from_args({"bootstrap": "b:1"}).bootstrap == "b:1"
+    with pytest.raises(EdgeADError, match="unknown serve option"):
+        options_from_args({"batch": "4"})
