@@ -414,6 +414,9 @@ def serve(
         int, typer.Option(min=1, help="Consumers in the group (at most the frames partitions).")
     ] = 1,
     scorer_cpus: Annotated[float, typer.Option(min=0.1, help="CPUs reserved per scorer.")] = 1.0,
+    scorer_gpus: Annotated[
+        float, typer.Option(min=0.0, help="GPUs per scorer (0.5 packs two per GPU).")
+    ] = 0.0,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Frames per detector batch.")] = 8,
     max_in_flight: Annotated[
         int, typer.Option(min=1, help="Frames between poll and acknowledgement, per consumer.")
@@ -454,6 +457,7 @@ def serve(
         scorer_min_replicas=low,
         scorer_max_replicas=high,
         scorer_cpus=scorer_cpus,
+        scorer_gpus=scorer_gpus,
         max_batch_size=max_batch_size,
         max_in_flight=max_in_flight,
         device=device,

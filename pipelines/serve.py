@@ -67,6 +67,7 @@ class ServeOptions:
     scorer_min_replicas: int = 1
     scorer_max_replicas: int = 1
     scorer_cpus: float = 1.0
+    scorer_gpus: float = 0.0  # e.g. 1 (or 0.5 to pack two scorers per GPU) on GPU workers
     torch_threads: int = 0  # 0: one per reserved CPU (at least 1)
     device: str = "auto"
     max_batch_size: int = 8
@@ -80,7 +81,7 @@ class ServeOptions:
 
     def scorer_deployment_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.scorer_cpus},
+            "ray_actor_options": {"num_cpus": self.scorer_cpus, "num_gpus": self.scorer_gpus},
             "max_ongoing_requests": 4 * self.max_batch_size,
         }
         if self.scorer_max_replicas > self.scorer_min_replicas:
@@ -471,6 +472,10 @@ class FrameIngress:
         context = serve.get_replica_context()
         out["replica"] = str(getattr(context, "replica_tag", None) or context.replica_id)
         return out
+
+    async def __call__(self, request: Any) -> dict[str, Any]:
+        """HTTP GET on the app's route (a RayService's serve Service): this replica's counters."""
+        return await self.get_stats()
 
     def check_health(self) -> None:
         if self._fatal:
