@@ -130,6 +130,11 @@ def test_every_frame_gets_exactly_one_verdict_scored_like_the_bare_detector(line
     verdicts = _verdicts(line, ids)
     assert {v.frame_id for v in verdicts} == ids
     assert len(verdicts) == len(ids), Counter(v.frame_id for v in verdicts).most_common(3)
+    from ray import serve
+
+    # What an HTTP GET on the app's route (a RayService's serve Service) answers.
+    stats = serve.get_app_handle("edge-ad").remote(None).result(timeout_s=30)
+    assert stats["verdicts"] >= len(ids) and stats["in_flight"] == 0 and stats["dlq"] == 0
 
     detector = load_bundle(line.bundle_path, device="cpu").detector
     choices = set(detector.timestep_choices())
