@@ -692,7 +692,7 @@ def demo(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the generated product.")] = 0,
     frames: Annotated[int, typer.Option(min=10, help="Frames the camera replays.")] = 200,
-    fps: Annotated[float, typer.Option(min=0.5, help="Camera frames per second.")] = 10.0,
+    fps: Annotated[float, typer.Option(min=0.5, help="Camera frames per second.")] = 5.0,
     defect_rate: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of replayed frames with a defect.")
     ] = 0.25,

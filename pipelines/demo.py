@@ -33,7 +33,7 @@ class DemoOptions:
     product: str = "synth-pcb"
     seed: int = 0
     frames: int = 200
-    fps: float = 10.0
+    fps: float = 5.0
     defect_rate: float = 0.25
     timeout_s: float = 300.0
 

@@ -229,6 +229,10 @@ class IngressStats:
     retries: int = 0
     in_flight: int = 0
     by_version: dict[str, int] = field(default_factory=dict)
+    # Seconds summed over frames: where a frame's time goes (registry, scorer, Kafka).
+    lookup_s: float = 0.0
+    score_s: float = 0.0
+    publish_s: float = 0.0
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -348,7 +352,9 @@ class FrameIngress:
     def _process(self, partition: Any, record: Any) -> None:
         try:
             topic, key, value, headers, version = self._outcome(record)
+            started = time.perf_counter()
             self._call(lambda: self.publisher.publish.remote(topic, key, value, headers), 30)
+            self._add_time("publish_s", started)
             self.tracker.finish(partition, record.offset)
             self._count(topic, version, value)
         except Exception as err:
@@ -389,13 +395,16 @@ class FrameIngress:
             )
         if not _PRODUCT.match(frame.product):
             return dlq(f"product {frame.product!r} is not a valid product name")
+        started = time.perf_counter()
         version = self._call(lambda: self.versions.version(frame.product), None)
+        self._add_time("lookup_s", started)
         if version is None:
             return dlq(
                 f"no model for product {frame.product!r}: no version of edge-ad-{frame.product} "
                 f"holds alias {self.options.alias!r}"
             )
         model_id = f"{frame.product}/{version}"
+        started = time.perf_counter()
         try:
             kind, result = self._call(
                 lambda: self.scorer.options(multiplexed_model_id=model_id).score.remote(
@@ -406,6 +415,8 @@ class FrameIngress:
         except Exception as err:  # a bug or a scorer down past the deadline: say so, go on
             reason = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
             return dlq(f"scoring failed: {type(err).__name__}: {reason}"[:500])
+        finally:
+            self._add_time("score_s", started)
         if kind == "bad":
             return dlq(result)
         verdict = make_verdict(frame, result, str(version))
@@ -451,6 +462,10 @@ class FrameIngress:
                     self.stats.retries += 1
                 time.sleep(delay)
                 delay = min(2 * delay, 4.0)
+
+    def _add_time(self, name: str, started: float) -> None:
+        with self._stats_lock:
+            setattr(self.stats, name, getattr(self.stats, name) + time.perf_counter() - started)
 
     def _count(self, topic: str, version: int | None, value: bytes) -> None:
         from edge_ad.stream.schema import DLQ_TOPIC

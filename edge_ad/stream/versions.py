@@ -27,21 +27,36 @@ class AliasWatcher:
         self._clock = clock
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, int | None]] = {}
+        self._lookups: dict[str, threading.Lock] = {}
 
     def version(self, product: str) -> int | None:
         """The version holding the alias now (as of at most ``ttl_s`` ago); None if none does.
 
         Lookup errors propagate (the caller decides whether to retry) and are not cached.
         """
-        now = self._clock()
+        hit = self._fresh(product)
+        if hit is not None:
+            return hit[1]
+        with self._lock:
+            product_lock = self._lookups.setdefault(product, threading.Lock())
+        # One lookup per product at a time: when the entry expires, the frames that arrive
+        # meanwhile wait for that lookup instead of each asking the registry.
+        with product_lock:
+            hit = self._fresh(product)
+            if hit is not None:
+                return hit[1]
+            now = self._clock()
+            version = self._lookup(product)
+            with self._lock:
+                self._cache[product] = (now, version)
+            return version
+
+    def _fresh(self, product: str) -> tuple[float, int | None] | None:
         with self._lock:
             hit = self._cache.get(product)
-            if hit is not None and now - hit[0] < self.ttl_s:
-                return hit[1]
-        version = self._lookup(product)
-        with self._lock:
-            self._cache[product] = (now, version)
-        return version
+        if hit is not None and self._clock() - hit[0] < self.ttl_s:
+            return hit
+        return None
 
     def forget(self, product: str | None = None) -> None:
         """Drop the cached answer for ``product`` (all products when None)."""

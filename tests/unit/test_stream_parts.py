@@ -381,3 +381,32 @@ def test_serve_options_from_text_arguments(monkeypatch: pytest.MonkeyPatch) -> N
     assert options_from_args({"bootstrap": "b:1"}).bootstrap == "b:1"
     with pytest.raises(EdgeADError, match="unknown serve option"):
         options_from_args({"batch": "4"})
+
+
+def test_alias_watcher_asks_the_registry_once_when_many_frames_find_it_expired() -> None:
+    """Frames that arrive while a product's lookup runs wait for it instead of each asking
+    the registry (the first lookup of a store takes ~1 s)."""
+    import threading
+
+    from edge_ad.stream.versions import AliasWatcher
+
+    calls: list[str] = []
+    release = threading.Event()
+
+    def lookup(product: str) -> int:
+        calls.append(product)
+        release.wait(5)
+        return 7
+
+    watcher = AliasWatcher(lookup, ttl_s=60)
+    answers: list[int | None] = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(watcher.version("pcb1"))) for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert answers == [7] * 8
+    assert calls == ["pcb1"]
