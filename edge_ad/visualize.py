@@ -34,6 +34,13 @@ def defect_regions(amap: np.ndarray, threshold: float, min_area: int = 4) -> lis
     return sorted(regions, key=lambda r: -r["score"])
 
 
+def scaled_map(amap: np.ndarray, threshold: float) -> np.ndarray:
+    """The map on the fixed colour scale of every edge-ad heatmap: 0 → 0, 2×threshold and
+    above → 1 (the map's own maximum when there is no usable threshold)."""
+    hi = 2.0 * threshold if np.isfinite(threshold) and threshold > 0 else float(amap.max())
+    return np.clip(amap / max(hi, 1e-8), 0.0, 1.0)
+
+
 def heatmap_overlay(
     image: np.ndarray,
     amap: np.ndarray,
@@ -47,8 +54,7 @@ def heatmap_overlay(
     ≥ 2×threshold → dark red), so colours mean the same thing on every image of a product.
     (Maps are in units of the normal images' spread, so most normal pixels sit near 0.)
     """
-    hi = 2.0 * threshold if np.isfinite(threshold) and threshold > 0 else float(amap.max())
-    scaled = np.clip(amap / max(hi, 1e-8), 0.0, 1.0)
+    scaled = scaled_map(amap, threshold)
     colour = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
     colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)
     if colour.shape[:2] != image.shape[:2]:

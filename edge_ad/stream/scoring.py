@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from edge_ad.stream.schema import BadFrame, Frame, Verdict
-from edge_ad.visualize import defect_regions
+from edge_ad.visualize import defect_regions, scaled_map
 
 if TYPE_CHECKING:  # the detector pulls in torch and diffusers; the camera side needs neither
     from edge_ad.d3ad.detector import D3AD
@@ -61,8 +61,7 @@ def decode_frame_image(data: bytes, size: int) -> np.ndarray:
 def heatmap_png(amap: np.ndarray, threshold: float) -> bytes:
     """The anomaly map as a grey PNG thumbnail: 0 → black, 2×threshold and above → white
     (the same fixed scale as :func:`edge_ad.visualize.heatmap_overlay`)."""
-    hi = 2.0 * threshold if np.isfinite(threshold) and threshold > 0 else float(amap.max())
-    grey = (np.clip(amap / max(hi, 1e-8), 0.0, 1.0) * 255).astype(np.uint8)
+    grey = (scaled_map(amap, threshold) * 255).astype(np.uint8)
     side = max(grey.shape)
     if side > HEATMAP_MAX_SIDE:
         scale = HEATMAP_MAX_SIDE / side
