@@ -39,6 +39,34 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+FAST_TINY = ["autoencoder.epochs=0", "unet.epochs=1", "adapt.epochs=0", "data.max_train_images=16"]
+"""The tiny profile without generative training: every stage still runs, in seconds. For tests
+that need *a* trained bundle (registry, serving), not a good one."""
+
+
+@pytest.fixture(scope="session")
+def fast_model(synth_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One FAST_TINY bundle of ``synth-pcb`` per session: (settings, TrainResult). Tests that
+    register it do so in their own MLflow store; the bundle directory is only read."""
+    import torch
+
+    from edge_ad.config import load_settings
+    from edge_ad.engine import train_product
+
+    root = tmp_path_factory.mktemp("fast_model")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        # Session fixtures run before the per-test EDGE_AD_HOME: give this one its own.
+        mp.setenv("EDGE_AD_HOME", str(root / "home"))
+        torch.set_num_threads(1)  # a shared 2-core box: OpenMP threads only spin
+        try:
+            settings = load_settings("tiny", overrides=FAST_TINY)
+            result = train_product("synth-pcb", synth_root, settings, output=root / "bundle")
+        finally:
+            torch.set_num_threads(threads)
+    return settings, result
+
+
 @pytest.fixture
 def run_cli(edge_home: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run ``edge-ad ARGS...`` as a user's shell would: a real process, real exit code."""

@@ -24,10 +24,10 @@ from PIL import Image
 
 from edge_ad import registry
 from edge_ad.bundle import load_bundle
-from edge_ad.config import Settings, load_settings
+from edge_ad.config import Settings
 from edge_ad.d3ad.severity import timesteps_for_bins
 from edge_ad.data.transforms import decode_image
-from edge_ad.engine import TrainResult, as_chw, train_product
+from edge_ad.engine import TrainResult, as_chw
 from edge_ad.errors import EdgeADError
 from edge_ad.registry import PromotionRefused, RunTracker
 from edge_ad.visualize import severity_histogram_png
@@ -36,9 +36,8 @@ pytestmark = pytest.mark.slow
 
 PRODUCT = "synth-pcb"
 NAME = "edge-ad-synth-pcb"
-# The registry does not care how good the model is: skip the generative training so the module
-# stays well under a minute on 2 cores (the scores still go through every stage).
-FAST = ["autoencoder.epochs=0", "unet.epochs=1", "adapt.epochs=0", "data.max_train_images=16"]
+# The registry does not care how good the model is: the session's fast_model (no generative
+# training) keeps the module well under a minute on 2 cores; scores still go through every stage.
 REPORT = {
     "product": PRODUCT,
     "images": 32,
@@ -73,7 +72,9 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def store(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+def store(
+    fast_model: tuple[Settings, TrainResult], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Store]:
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root}/mlruns.db"
     # Module fixtures run before the per-test EDGE_AD_HOME: give this one its own.
@@ -81,8 +82,7 @@ def store(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         mp.setenv("EDGE_AD_HOME", str(root / "home"))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.chdir(root)  # anything MLflow wrote to the CWD would show up here
-        settings = load_settings("tiny", overrides=FAST)
-        result = train_product(PRODUCT, synth_root, settings, output=root / "bundle")
+        settings, result = fast_model
 
         tracker = registry.start_run(PRODUCT, settings.to_dict(), uri=uri, run_name="tiny")
         for step, loss in enumerate([1.0, 0.5, 0.25]):

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,8 +23,6 @@ import torch
 
 from edge_ad import registry
 from edge_ad.bundle import load_bundle
-from edge_ad.config import load_settings
-from edge_ad.engine import train_product
 from edge_ad.stream.broker import EmbeddedBroker
 from edge_ad.stream.camera import Shot, publish_frames, synthetic_images
 from edge_ad.stream.kafka_io import make_producer, read_topic
@@ -33,7 +32,6 @@ from edge_ad.stream.scoring import encode_image
 pytestmark = pytest.mark.slow
 
 PRODUCT = "synth-pcb"
-FAST = ["autoencoder.epochs=0", "unet.epochs=1", "adapt.epochs=0", "data.max_train_images=16"]
 REPORT = {"image_auroc": 0.9, "pro": 0.7}
 ALIAS_POLL_S = 0.5
 
@@ -48,7 +46,7 @@ class Line:
 
 
 @pytest.fixture(scope="module")
-def line(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
+def line(fast_model: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
     import ray
 
     from pipelines.serve import ServeOptions, start_serving, stop_serving
@@ -60,8 +58,7 @@ def line(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        settings = load_settings("tiny", overrides=FAST)
-        result = train_product(PRODUCT, synth_root, settings, output=root / "bundle")
+        settings, result = fast_model
         tracker = registry.start_run(PRODUCT, settings.to_dict(), uri=uri)
         for _ in range(2):
             registry.log_trained_model(tracker, result.bundle_path, PRODUCT, REPORT)

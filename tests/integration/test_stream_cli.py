@@ -12,19 +12,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edge_ad import registry
-from edge_ad.config import load_settings
-from edge_ad.engine import train_product
 from edge_ad.stream.broker import EmbeddedBroker
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 PRODUCT = "synth-pcb"
-FAST = ["autoencoder.epochs=0", "unet.epochs=1", "adapt.epochs=0", "data.max_train_images=16"]
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
 
 
@@ -49,10 +47,9 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout_s: float) -> str:
 
 
 def test_serve_replay_verdicts_from_the_command_line(
-    synth_root: Path, edge_home: Path, run_cli: RunCli, tmp_path: Path
+    fast_model: tuple[Any, Any], edge_home: Path, run_cli: RunCli, tmp_path: Path
 ) -> None:
-    settings = load_settings("tiny", overrides=FAST)
-    result = train_product(PRODUCT, synth_root, settings, output=tmp_path / "bundle")
+    settings, result = fast_model
     tracker = registry.start_run(PRODUCT, settings.to_dict())  # the default store of the home
     version = registry.log_trained_model(tracker, result.bundle_path, PRODUCT, {"pro": 0.5})
     tracker.finish()
