@@ -5,8 +5,10 @@ Layout::
     <bundle>/
       bundle.json          format version, method, product, threshold, settings, the
                            autoencoder/UNet configs, backbone name/layers, metrics
-      weights.safetensors  vae.*, unet.*, backbone.* (the adapted φ)
-      state.safetensors    severity.* (train vectors, bin edges, distances), normalizer.*
+      weights.safetensors  vae.*, unet.*, backbone.* (φ, adapted for D3AD) and the method's
+                           own networks (DiffusionAD: seg.*)
+      state.safetensors    the method's fitted state (D3AD: severity.* KNN vectors, bin
+                           edges, distances, normalizer.*; RAN: padim.*, stats.*)
 
 Everything is JSON or safetensors, so loading a bundle never unpickles anything: a bundle
 that arrived over the network cannot run code. The detector is rebuilt from the bundle alone
@@ -29,10 +31,9 @@ from safetensors.torch import load_file, save_file
 
 import edge_ad
 from edge_ad.config import settings_from_dict
-from edge_ad.d3ad.anomaly_map import MapNormalizer
-from edge_ad.d3ad.detector import D3AD, resolve_device
-from edge_ad.d3ad.severity import SeverityIndex
+from edge_ad.detector import LatentDiffusionDetector, resolve_device
 from edge_ad.errors import EdgeADError
+from edge_ad.methods import detector_class
 from edge_ad.models.backbone import FeatureBackbone
 
 FORMAT = "edge-ad-bundle"
@@ -44,7 +45,7 @@ META_FILE, WEIGHTS_FILE, STATE_FILE = "bundle.json", "weights.safetensors", "sta
 class Bundle:
     """A loaded bundle: the detector plus what is known about it."""
 
-    detector: D3AD
+    detector: LatentDiffusionDetector
     product: str
     method: str = "d3ad"
     metrics: dict[str, float] = field(default_factory=dict)
@@ -65,32 +66,26 @@ def _strip(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k[start:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
-def _weight_parts(detector: D3AD) -> dict[str, torch.nn.Module]:
-    """The learned modules and the key prefix each has in a weights file."""
-    return {
-        "vae": detector.codec.vae,
-        "unet": detector.unet,
-        "backbone": detector.backbone.model,
-    }
-
-
-def detector_weights(detector: D3AD) -> dict[str, torch.Tensor]:
-    """``vae.*``, ``unet.*``, ``backbone.*``: every learned weight, as CPU copies for
-    safetensors (bundles and Ray Train checkpoints write the same keys)."""
+def detector_weights(detector: LatentDiffusionDetector) -> dict[str, torch.Tensor]:
+    """``vae.*``, ``unet.*``, ``backbone.*`` (and the method's own networks): every learned
+    weight, as CPU copies for safetensors (bundles and Ray Train checkpoints write the same
+    keys)."""
     weights: dict[str, torch.Tensor] = {}
-    for name, module in _weight_parts(detector).items():
+    for name, module in detector.weight_parts().items():
         weights |= _prefixed(name, module.state_dict())
     return weights
 
 
-def load_detector_weights(detector: D3AD, weights: dict[str, torch.Tensor]) -> None:
+def load_detector_weights(
+    detector: LatentDiffusionDetector, weights: dict[str, torch.Tensor]
+) -> None:
     """Load what :func:`detector_weights` wrote into ``detector``'s modules (strict)."""
-    for name, module in _weight_parts(detector).items():
+    for name, module in detector.weight_parts().items():
         module.load_state_dict(_strip(name, weights))
 
 
 def save_bundle(
-    detector: D3AD,
+    detector: LatentDiffusionDetector,
     path: str | Path,
     product: str,
     metrics: dict[str, float] | None = None,
@@ -105,25 +100,26 @@ def save_bundle(
     except OSError as err:
         raise EdgeADError(f"cannot write the bundle to {path}: {err.strerror}") from None
     weights = detector_weights(detector)
-    state = _prefixed("severity", detector.severity.state_dict()) | _prefixed(
-        "normalizer", detector.normalizer.to_arrays()
-    )
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in detector.state_tensors().items()}
     save_file(weights, str(path / WEIGHTS_FILE))
     save_file(state, str(path / STATE_FILE))
+    backbone = detector.backbone
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "method": "d3ad",
+        "method": detector.method,
         "product": product,
         "threshold": detector.threshold,
         "scaling_factor": detector.codec.scaling_factor,
         "settings": detector.settings.to_dict(),
         "vae_config": dict(detector.codec.vae.config),
         "unet_config": dict(detector.unet.config),
-        "backbone": {
-            "name": detector.backbone.name,
-            "layers": list(detector.backbone.layers),
-            "weights_source": detector.backbone.weights_source,
+        "backbone": None
+        if backbone is None
+        else {
+            "name": backbone.name,
+            "layers": list(backbone.layers),
+            "weights_source": backbone.weights_source,
         },
         "metrics": metrics or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -191,20 +187,22 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
     )
 
 
-def _rebuild(path: Path, meta: dict[str, Any]) -> D3AD:
+def _rebuild(path: Path, meta: dict[str, Any]) -> LatentDiffusionDetector:
     settings = settings_from_dict(meta["settings"])
+    method = meta.get("method", "d3ad")
+    if settings.method != method:
+        raise ValueError(f"bundle.json says method {method!r}, its settings {settings.method!r}")
     vae = AutoencoderKL.from_config(_config_without_private(meta["vae_config"]))
     unet = UNet2DModel.from_config(_config_without_private(meta["unet_config"]))
-    backbone = FeatureBackbone(meta["backbone"]["name"], meta["backbone"]["layers"], weights=None)
-    backbone.weights_source = meta["backbone"].get("weights_source", "bundle")
-    state = load_file(str(path / STATE_FILE))
-    severity = SeverityIndex.from_state(
-        {k: v.numpy() for k, v in _strip("severity", state).items()}
+    backbone = None
+    if meta.get("backbone"):
+        b = meta["backbone"]
+        backbone = FeatureBackbone(b["name"], b["layers"], weights=None)
+        backbone.weights_source = b.get("weights_source", "bundle")
+    detector = detector_class(method)(
+        settings, vae, unet, backbone, threshold=float(meta["threshold"])
     )
-    normalizer = MapNormalizer.from_arrays(_strip("normalizer", state))
-    detector = D3AD(
-        settings, vae, unet, backbone, severity, normalizer, threshold=float(meta["threshold"])
-    )
+    detector.load_state_tensors(load_file(str(path / STATE_FILE)))
     load_detector_weights(detector, load_file(str(path / WEIGHTS_FILE)))
     detector.codec.scaling_factor = float(meta["scaling_factor"])
     return detector

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edge_ad.errors import ConfigError
 
 PROFILES = ("tiny", "cpu", "paper")
+METHODS = ("d3ad", "diffusionad", "ran")
 
 
 class _Section(BaseModel):
@@ -145,6 +146,60 @@ class CalibrationConfig(_Section):
     )
 
 
+class DiffusionADConfig(_Section):
+    """DiffusionAD (seeds/002): norm-guided one-step reconstruction + segmentation network."""
+
+    t_small: int = Field(200, ge=1, description="t_s: the guided one-step scale.")
+    t_big: int = Field(400, ge=2, description="t_b: the scale of the guide x̂_0b (t_s < t_b).")
+    guidance_w: float = Field(1.0, ge=0, description="w of Eq. 7 (0 = plain one-step).")
+    top_k: int = Field(50, ge=1, description="Image score = mean of the top-k map pixels.")
+    seg_channels: int = Field(32, ge=4, description="Width of the segmentation UNet's first level.")
+    seg_levels: int = Field(4, ge=2, le=6, description="Resolutions of the segmentation UNet.")
+    seg_epochs: int = Field(20, ge=0)
+    seg_batch_size: int = Field(8, ge=1)
+    seg_lr: float = Field(1e-3, gt=0)
+    anomaly_probability: float = Field(
+        0.5, ge=0, le=1, description="Share of training frames given a synthetic anomaly."
+    )
+    focal_weight: float = Field(5.0, ge=0, description="γ of Eq. 10 (weight of the focal term).")
+    focal_gamma: float = Field(4.0, ge=0)
+    focal_alpha: float = Field(0.5, gt=0, lt=1)
+    sigma: float = Field(0.0, ge=0, description="Gaussian smoothing of the map (paper: none).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DiffusionADConfig:
+        if self.t_small >= self.t_big:
+            raise ValueError(f"t_small ({self.t_small}) must be below t_big ({self.t_big})")
+        return self
+
+
+class RANConfig(_Section):
+    """RAN, "Removing Anomalies as Noises" (seeds/000, 001, 003)."""
+
+    kl_timesteps: tuple[int, ...] = Field(
+        (5, 50, 100), description="t of the pixel-level KL scores (each normalised, averaged)."
+    )
+    kl_samples: int = Field(1, ge=1, description="Noise draws averaged per KL timestep.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL score vs the feature one.")
+    feature_layers: tuple[int, ...] = Field(
+        (0, 1, 2, 3), description="Backbone blocks (strides 2–16) of the feature-level score."
+    )
+    feature_size: int | None = Field(
+        None, ge=4, description="Side the features are resized to (None = image_size / 4)."
+    )
+    padim_dims: int = Field(64, ge=1, description="Random feature dims PaDiM keeps.")
+    padim_size: int | None = Field(
+        None, ge=2, description="PaDiM grid side (None = image_size / 8)."
+    )
+    padim_eps: float = Field(0.01, gt=0, description="Σ + eps·I (PaDiM's regularisation).")
+    denoise_iterations: int = Field(
+        20, ge=0, description="Gradient steps of the reconstruction (0 = x̂ = D(E(x)))."
+    )
+    denoise_every: int = Field(5, ge=1, description="N_d: a diffusion denoising step every N_d.")
+    lr: float = Field(0.02, gt=0, lt=1, description="s: gradient step size (Eq. 13).")
+    sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the final map (px).")
+
+
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(1, ge=1, description="Ray Train data-parallel workers.")
@@ -166,6 +221,7 @@ class RuntimeConfig(_Section):
 
 class Settings(_Section):
     profile: str = "cpu"
+    method: Literal["d3ad", "diffusionad", "ran"] = "d3ad"
     data: DataConfig = DataConfig()
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     unet: UNetConfig = UNetConfig()
@@ -175,6 +231,8 @@ class Settings(_Section):
     anomaly_map: MapConfig = MapConfig()
     adapt: AdaptConfig = AdaptConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    diffusionad: DiffusionADConfig = DiffusionADConfig()
+    ran: RANConfig = RANConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
@@ -194,11 +252,14 @@ class Settings(_Section):
             raise ValueError(
                 f"severity.t_max ({sev.t_max}) must stay below unet.num_train_timesteps"
             )
+        needed, why = self.trained_timesteps_needed()
+        if needed > self.unet.num_train_timesteps:
+            raise ValueError(f"{why} must stay below unet.num_train_timesteps")
         trained = self.unet.max_train_timestep
-        if trained is not None and trained < highest:
+        if trained is not None and trained < needed:
             raise ValueError(
-                f"unet.max_train_timestep ({trained}) must be at least severity.t_max + round_to "
-                f"({highest}): the UNet would be asked about timesteps it never learned"
+                f"unet.max_train_timestep ({trained}) must be at least {why} ({needed}): the "
+                "UNet would be asked about timesteps it never learned"
             )
         crop, levels = self.unet.crop_size, len(self.unet.block_out_channels) - 1
         if crop is not None and crop % 2**levels:
@@ -207,6 +268,16 @@ class Settings(_Section):
                 f"the latent {levels} times"
             )
         return self
+
+    def trained_timesteps_needed(self) -> tuple[int, str]:
+        """How many timesteps (t < this) the UNet must have learned for the method, and the
+        settings that say so."""
+        if self.method == "diffusionad":
+            return self.diffusionad.t_big + 1, "diffusionad.t_big + 1"
+        if self.method == "ran":
+            return max(self.ran.kl_timesteps) + 1, "max(ran.kl_timesteps) + 1"
+        sev = self.severity
+        return sev.t_max + sev.round_to, "severity.t_max + round_to"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -218,7 +289,7 @@ class Settings(_Section):
             for section, values in self.to_dict().items()
             if isinstance(values, dict)
             for key, value in values.items()
-        } | {"profile": self.profile}
+        } | {"profile": self.profile, "method": self.method}
 
 
 # Only what differs from the defaults above (the `cpu` profile), each with the reason.
@@ -257,6 +328,35 @@ _PROFILE_OVERRIDES: dict[str, dict[str, Any]] = {
         "backbone": {"name": "resnet34"},
         "adapt": {"epochs": 3},
         "runtime": {"device": "cuda"},
+    },
+}
+
+
+# What each method changes in a profile, with the reason. D3AD needs nothing: the profiles are
+# its own. The CPU profiles train the UNet on small t only (D3AD never goes past T_max = 80);
+# the other methods ask about deeper t, so their UNet learns up to that.
+_METHOD_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "diffusionad": {
+        # t_b = 400 is the deepest; a small segmentation UNet a few epochs long.
+        "tiny": {
+            "unet": {"max_train_timestep": 500},
+            "diffusionad": {"seg_channels": 8, "seg_levels": 3, "seg_epochs": 4, "top_k": 10},
+        },
+        "cpu": {
+            "unet": {"max_train_timestep": 500},
+            "diffusionad": {"seg_channels": 16, "seg_epochs": 8},
+        },
+        # The paper's segmentation network: DRAEM's, 64 wide at the top, 6 resolutions.
+        "paper": {"diffusionad": {"seg_channels": 64, "seg_levels": 6, "seg_epochs": 100}},
+    },
+    "ran": {
+        # The KL scores look at t ≤ 100; few gradient steps and a small PaDiM on a CPU.
+        "tiny": {
+            "unet": {"max_train_timestep": 120},
+            "ran": {"denoise_iterations": 5, "padim_dims": 16},
+        },
+        "cpu": {"unet": {"max_train_timestep": 120}, "ran": {"denoise_iterations": 10}},
+        "paper": {},
     },
 }
 
@@ -300,11 +400,17 @@ def load_settings(
     profile: str = "cpu",
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
+    method: str = "d3ad",
 ) -> Settings:
-    """Resolve settings: profile, then YAML file, then ``section.key=value`` overrides."""
+    """Resolve settings: profile (and what ``method`` changes in it), then YAML file, then
+    ``section.key=value`` overrides."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     layers: dict[str, Any] = _deep_merge({"profile": profile}, _PROFILE_OVERRIDES[profile])
+    layers = _deep_merge(layers, _METHOD_OVERRIDES.get(method, {}).get(profile, {}))
+    layers["method"] = method
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():

@@ -19,11 +19,12 @@ from PIL import Image
 from edge_ad import metrics
 from edge_ad.bundle import Bundle, load_bundle, save_bundle
 from edge_ad.config import Settings
-from edge_ad.d3ad.detector import D3AD, Prediction
 from edge_ad.d3ad.observer import FitObserver, HistoryObserver, ObserverGroup
 from edge_ad.data import load_dataset, load_images, load_masks, read_image, split_train_val
 from edge_ad.data.samples import Sample
+from edge_ad.detector import LatentDiffusionDetector, Prediction
 from edge_ad.errors import EdgeADError
+from edge_ad.methods import build_detector
 from edge_ad.paths import edge_home
 from edge_ad.visualize import defect_regions, heatmap_overlay, side_by_side
 
@@ -92,7 +93,7 @@ def check_output_dir(output: str | Path | None, product: str) -> Path:
 @dataclass
 class TrainResult:
     bundle_path: Path
-    detector: D3AD
+    detector: LatentDiffusionDetector
     summary: dict[str, float]
     history: HistoryObserver
     n_train: int
@@ -108,13 +109,13 @@ def train_product(
     observer: FitObserver | None = None,
     load_progress: Progress | None = None,
 ) -> TrainResult:
-    """Train D3AD in this process on the product's normal training images and save the bundle
-    (``pipelines.train`` runs the same stages as a Ray Train job)."""
+    """Train ``settings.method`` in this process on the product's normal training images and
+    save the bundle (``pipelines.train`` runs the same stages as a Ray Train job)."""
     path = check_output_dir(output, product)
     start = time.perf_counter()
     data = load_training_data(product, data_root, settings, layout, load_progress)
     history = HistoryObserver()
-    detector = D3AD.build(settings)
+    detector = build_detector(settings)
     summary = detector.fit(data.train_images, data.val_images, ObserverGroup(observer, history))
     summary["train_minutes"] = (time.perf_counter() - start) / 60.0
     save_bundle(detector, path, product, metrics=summary, extra={"dataset": data.dataset_info})

@@ -368,7 +368,8 @@ def _ensure_registered_model(client: MlflowClient, name: str, product: str) -> N
         client.create_registered_model(
             name,
             tags={"product": product},
-            description=f"edge-ad D3AD detector for product {product!r} (edge-ad bundle inside).",
+            description=f"edge-ad detector for product {product!r} (edge-ad bundle inside; "
+            "the version tag `method` says which: d3ad, diffusionad or ran).",
         )
     except MlflowException as err:
         if not _exists(err):
@@ -390,7 +391,7 @@ def log_trained_model(
     from edge_ad.bundle import read_meta
 
     bundle_path = Path(bundle_path)
-    read_meta(bundle_path)  # a clear error now, not a broken registered model later
+    meta = read_meta(bundle_path)  # a clear error now, not a broken registered model later
     client, uri, run_id = tracker.client, tracker.uri, tracker.run_id
     metrics = report_metrics(eval_report)
     if metrics:
@@ -432,7 +433,8 @@ def log_trained_model(
                 pip_requirements=[f"edge-ad=={edge_ad.__version__}"],
             )
             _ensure_registered_model(client, name, product)
-            version_tags = {"product": product, "run_id": run_id} | {
+            method = str(meta.get("method", "d3ad"))
+            version_tags = {"product": product, "run_id": run_id, "method": method} | {
                 f"{METRIC_TAG}{k}": repr(v) for k, v in metrics.items()
             }
             mv = client.create_model_version(

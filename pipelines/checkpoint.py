@@ -1,10 +1,11 @@
-"""What a Ray Train checkpoint of one D3AD training run holds, and how to read it back.
+"""What a Ray Train checkpoint of one training run holds, and how to read it back.
 
 A checkpoint directory is written by rank 0 at the end of an epoch (autoencoder, UNet) or of a
-stage (adaptation, the finished model)::
+stage (the method's head — D3AD's adaptation of φ, DiffusionAD's segmentation network —, the
+finished model)::
 
     progress.json        {"stage": "unet", "epoch": 7, "epochs": 25, "scaling_factor": ...}
-    weights.safetensors  vae.*, unet.*, backbone.*: the detector's weights at that point
+    weights.safetensors  vae.*, unet.*, backbone.*, ...: the detector's weights at that point
     loop.pt              optimizer / lr schedule / EMA / RNG state of the stage's loop
     bundle/              (final checkpoint only) the trained bundle, as ``train --output`` writes
     report/              (final checkpoint only) eval report, heatmaps, severity histogram
@@ -25,14 +26,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edge_ad.bundle import detector_weights, load_detector_weights
-from edge_ad.d3ad.detector import D3AD
 from edge_ad.d3ad.trainer import LoopState
+from edge_ad.detector import LatentDiffusionDetector
 
 PROGRESS_FILE, WEIGHTS_FILE, LOOP_FILE = "progress.json", "weights.safetensors", "loop.pt"
 BUNDLE_DIR, REPORT_DIR = "bundle", "report"
 
 # The order training goes through; a checkpoint names the last stage it reached.
-STAGES = ("autoencoder", "unet", "adaptation", "done")
+STAGES = ("autoencoder", "unet", "head", "done")
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Resume:
 
 def write_checkpoint(
     folder: Path,
-    detector: D3AD,
+    detector: LatentDiffusionDetector,
     stage: str,
     epoch: int,
     epochs: int,
@@ -85,7 +86,7 @@ def write_checkpoint(
     return folder
 
 
-def read_checkpoint(folder: Path, detector: D3AD) -> Resume:
+def read_checkpoint(folder: Path, detector: LatentDiffusionDetector) -> Resume:
     """Load the checkpoint's weights into ``detector``; return where training stands."""
     progress: dict[str, Any] = json.loads((folder / PROGRESS_FILE).read_text())
     load_detector_weights(detector, load_file(str(folder / WEIGHTS_FILE)))

@@ -13,8 +13,10 @@ cluster (``RAY_ADDRESS``, NCCL). Per product:
   checkpoint (pipelines/checkpoint.py); a worker that dies (``FailureConfig.max_failures``)
   or a command that is run again with ``--resume`` continues from the latest one;
 * the stages that are not data-parallel run once on rank 0 while the other workers wait at the
-  next report: domain adaptation of φ (≤ 3 short epochs), the KNN index and bins, calibration,
-  the bundle, the evaluation on the held-back test split, heatmaps and the severity histogram;
+  next report: the method's head (D3AD: domain adaptation of φ, ≤ 3 short epochs; DiffusionAD:
+  the segmentation network), its index (D3AD: KNN and bins; RAN: the PaDiM Gaussian),
+  calibration, the bundle, the evaluation on the held-back test split, heatmaps and (D3AD) the
+  severity histogram;
 * the driver logs the resolved settings as MLflow params before the job, rank 0 logs per-epoch
   losses during it, and the driver logs the eval metrics and artifacts and registers the bundle
   as a new version of ``edge-ad-<product>`` after it.
@@ -256,9 +258,9 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from edge_ad.d3ad.detector import D3AD
     from edge_ad.d3ad.trainer import LoopControl
     from edge_ad.engine import load_training_data
+    from edge_ad.methods import build_detector
     from pipelines.observers import RelayObserver, TrackingObserver
 
     ctx = ray.train.get_context()
@@ -272,7 +274,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     data = load_training_data(product, config["data_root"], settings, config["layout"])
     torch.manual_seed(settings.runtime.seed)  # same initial weights on every rank
-    detector = D3AD.build(settings)
+    detector = build_detector(settings)
     detector.prepare_fit(data.train_images, data.val_images)
 
     resume: Resume | None = None
@@ -332,20 +334,19 @@ def train_worker(config: dict[str, Any]) -> None:
     # node would idle, so rank 0 takes them (2 workers on a 2-core box: 2 threads, not 1).
     if rank == 0 and world > 1:
         torch.set_num_threads(max(1, int(config["threads"])) * ctx.get_local_world_size())
-    if not (resume and resume.finished("adaptation")):
+    if not (resume and resume.finished("head")):
         with tempfile.TemporaryDirectory() as tmp:
             folder = None
             if rank == 0:
-                summary |= detector.fit_adaptation(data.train_images, observer)
-                folder = write_checkpoint(Path(tmp), detector, "adaptation", 0, 1)
-            _report({"stage": "adaptation", **marker, **summary}, folder, "adaptation")
-    else:
-        detector.backbone.eval().requires_grad_(False)
+                summary |= detector.fit_head(data.train_images, observer)
+                folder = write_checkpoint(Path(tmp), detector, "head", 0, 1)
+            _report({"stage": "head", **marker, **summary}, folder, "head")
+    detector.freeze_trained()
 
     with tempfile.TemporaryDirectory() as tmp:
         folder, final = None, {}
         if rank == 0:
-            detector.fit_severity(data.train_images, observer)
+            detector.fit_index(data.train_images, observer)
             summary |= detector.calibrate(data.val_images, observer)
             timing = {"train_minutes": (time.perf_counter() - start) / 60.0, "workers": world}
             summary |= timing
@@ -372,7 +373,8 @@ def _finish(
     save_bundle(detector, bundle_dir, product, metrics=summary, extra={"dataset": dataset_info})
     report_dir = folder / REPORT_DIR
     report_dir.mkdir()
-    _severity_plot(detector, report_dir / "plots")
+    if detector.method == "d3ad":
+        _severity_plot(detector, report_dir / "plots")
     if not config.get("evaluate", True):
         return {}
     report = _evaluate(Bundle(detector, product), config, report_dir)
@@ -489,6 +491,7 @@ def train_one(
             tags = {
                 "ray_run_name": run_name,
                 "workers": str(settings.runtime.workers),
+                "method": settings.method,
                 **opts.extra_tags,
             }
             tracker = registry.start_run(

@@ -21,7 +21,7 @@ from edge_ad.stream.schema import BadFrame, Frame, Verdict
 from edge_ad.visualize import defect_regions, scaled_map
 
 if TYPE_CHECKING:  # the detector pulls in torch and diffusers; the camera side needs neither
-    from edge_ad.d3ad.detector import D3AD
+    from edge_ad.detector import LatentDiffusionDetector
 
 HEATMAP_MAX_SIDE = 128  # verdict heatmaps are thumbnails: a few kB on the topic
 
@@ -98,7 +98,7 @@ class FrameScore:
 
 
 def score_frames(
-    detector: D3AD, images: Sequence[bytes], heatmaps: bool = True
+    detector: LatentDiffusionDetector, images: Sequence[bytes], heatmaps: bool = True
 ) -> list[FrameScore | BadFrame]:
     """Score encoded frames in one detector batch (mixed T̂ share it, see DESIGN.md)."""
     size = detector.settings.data.image_size

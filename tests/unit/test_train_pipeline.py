@@ -113,11 +113,11 @@ def test_checkpoint_round_trip_restores_weights_and_progress(tmp_path: Path) -> 
     assert target.codec.scaling_factor == pytest.approx(0.7)
     assert resume == Resume("unet", 3, 8, loop)
     assert resume.finished("autoencoder") and not resume.finished("unet")
-    assert resume.loop_state("unet") == loop and resume.loop_state("adaptation") is None
+    assert resume.loop_state("unet") == loop and resume.loop_state("head") is None
 
 
 def test_resume_after_the_last_epoch_of_a_stage_moves_on() -> None:
     done_unet = Resume("unet", 7, 8, loop={"epoch": 7})
-    assert done_unet.finished("unet") and not done_unet.finished("adaptation")
+    assert done_unet.finished("unet") and not done_unet.finished("head")
     assert done_unet.loop_state("unet") is None  # nothing left to continue
-    assert Resume("done", 0, 1, None).finished("adaptation")
+    assert Resume("done", 0, 1, None).finished("head")

@@ -1,0 +1,437 @@
+"""What every edge-ad detector is: the interface ``eval``, ``infer``, bundles, Ray Train and Serve
+rely on, and the latent-diffusion parts the three methods share.
+
+A detector is a plain ``nn.Module`` for one product:
+
+* ``fit(train_images, val_images, observer)`` trains it on normal uint8 images (N, 3, H, W) and
+  calibrates its threshold on the held-out normals only (never on test images);
+* ``predict(x)`` → :class:`Prediction` (scores, maps, is_anomalous, ...) for a batch;
+* ``weight_parts()`` (learned modules → safetensors) and ``state_tensors()`` /
+  ``load_state_tensors()`` (fitted statistics) are what a bundle stores, so
+  ``edge_ad.bundle`` saves and rebuilds any method the same way.
+
+:class:`LatentDiffusionDetector` holds what D3AD (seeds/004), DiffusionAD (seeds/002) and RAN
+(seeds/000/001/003) have in common here: a KL autoencoder E/D trained per product, an
+ε-prediction UNet on its latents (the β schedule of D3AD) and, where the method needs one, the
+feature backbone φ. The first two stages train data-parallel under Ray Train for every method
+(pipelines/train.py); each method then adds its own stages through three hooks run once on
+rank 0 — ``fit_head`` (weights: D3AD's domain adaptation, DiffusionAD's segmentation network),
+``fit_index`` (fitted state: D3AD's KNN, RAN's PaDiM Gaussian) and ``calibrate`` — and its own
+``score_batch``. Methods are looked up by name in :mod:`edge_ad.methods`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DModel
+from torch import nn
+
+from edge_ad.config import Settings
+from edge_ad.d3ad.observer import FitObserver
+from edge_ad.d3ad.reconstruct import alphas_cumprod
+from edge_ad.d3ad.trainer import LoopControl, to_model_range, train_autoencoder, train_unet
+from edge_ad.errors import EdgeADError
+from edge_ad.models.autoencoder import (
+    LatentCodec,
+    build_autoencoder,
+    estimate_scaling_factor,
+    load_pretrained_autoencoder,
+)
+from edge_ad.models.backbone import FeatureBackbone, frozen_copy
+from edge_ad.models.unet import build_unet, make_noise_scheduler
+
+
+class Prediction(NamedTuple):
+    """What a detector says about a batch of N frames (all tensors on the CPU)."""
+
+    scores: torch.Tensor  # (N,) float: image score (reduction of the map, per method)
+    maps: torch.Tensor  # (N, H, W) float: the anomaly map (same scale as the threshold)
+    timesteps: torch.Tensor  # (N,) int64: diffusion timestep the frame was reconstructed from
+    distances: torch.Tensor  # (N,) float64: D3AD's severity distance ȳ0 (NaN for others)
+    is_anomalous: torch.Tensor  # (N,) bool: score ≥ threshold
+    reconstructions: torch.Tensor | None  # (N, 3, H, W) in [-1, 1] when asked for
+
+    @staticmethod
+    def concat(parts: list[Prediction]) -> Prediction:
+        recon = [p.reconstructions for p in parts]
+        return Prediction(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in Prediction._fields[:5]),
+            reconstructions=torch.cat(recon) if all(r is not None for r in recon) else None,
+        )
+
+
+class Scored(NamedTuple):
+    """One method's answer for a batch, before the threshold is applied (on any device)."""
+
+    scores: torch.Tensor  # (N,)
+    maps: torch.Tensor  # (N, H, W)
+    timesteps: torch.Tensor | np.ndarray  # (N,)
+    x_hat: torch.Tensor  # (N, 3, H, W) in [-1, 1]
+    distances: torch.Tensor | np.ndarray | None = None  # (N,) or None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EdgeADError("runtime.device=cuda but no GPU is visible; use --set runtime.device=cpu")
+    return torch.device(name)
+
+
+class StageTimer:
+    """Adds wall time per stage into a dict (synchronising CUDA so the numbers are real)."""
+
+    def __init__(self, sink: dict[str, float] | None, device: torch.device) -> None:
+        self.sink, self.device = sink, device
+
+    def __call__(self, stage: str) -> StageTimer:
+        self.stage = stage
+        return self
+
+    def __enter__(self) -> None:
+        if self.sink is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sink is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            elapsed = time.perf_counter() - self.start
+            self.sink[self.stage] = self.sink.get(self.stage, 0.0) + elapsed
+
+
+def validation_threshold(scores: np.ndarray, quantile: float) -> float:
+    """The decision threshold: a quantile of held-out NORMAL validation scores."""
+    return float(np.quantile(np.asarray(scores, dtype=np.float64), quantile))
+
+
+class LatentDiffusionDetector(nn.Module):
+    """Autoencoder E/D + latent ε-UNet (+ backbone φ) and the shared fit/predict machinery."""
+
+    #: The method's name in settings, bundles, MLflow and the CLI.
+    method: ClassVar[str] = ""
+    #: Pipeline stages ``predict(timings=...)`` reports, in order (benchmarks print them).
+    STAGES: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        settings: Settings,
+        vae: AutoencoderKL,
+        unet: UNet2DModel,
+        backbone: FeatureBackbone | None,
+        threshold: float = math.nan,
+    ) -> None:
+        super().__init__()
+        if settings.method != self.method:
+            raise EdgeADError(
+                f"settings are for method {settings.method!r}, not {self.method!r}"
+            )
+        self.settings = settings
+        self.codec = LatentCodec(vae)
+        self.unet = unet
+        self.backbone = backbone
+        self.threshold = float(threshold)
+        s = settings.unet
+        self.register_buffer(
+            "alphas_cumprod",
+            alphas_cumprod(s.beta_start, s.beta_end, s.num_train_timesteps),
+            persistent=False,
+        )
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def backbone_layers(cls, settings: Settings) -> list[int]:
+        """The φ blocks the method reads ([] = no backbone)."""
+        return []
+
+    @classmethod
+    def build(cls, settings: Settings) -> LatentDiffusionDetector:
+        """Fresh, untrained parts as the settings describe (pretrained weights where asked)."""
+        ae = settings.autoencoder
+        if ae.pretrained:
+            vae = load_pretrained_autoencoder(ae.pretrained)
+        else:
+            vae = build_autoencoder(ae.block_out_channels, ae.layers_per_block)
+        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        u = settings.unet
+        unet = build_unet(
+            sample_size=settings.data.image_size // down,
+            in_channels=int(vae.config.latent_channels),
+            block_out_channels=u.block_out_channels,
+            layers_per_block=u.layers_per_block,
+            attention=u.attention,
+        )
+        layers = cls.backbone_layers(settings)
+        b = settings.backbone
+        backbone = FeatureBackbone(b.name, layers, b.weights) if layers else None
+        return cls(settings, vae, unet, backbone)
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    @property
+    def is_fitted(self) -> bool:
+        return math.isfinite(self.threshold) and self._state_fitted()
+
+    def _state_fitted(self) -> bool:
+        """Whether the method's own fitted state (index, statistics) is in place."""
+        return True
+
+    # ------------------------------------------------------------------ what a bundle holds
+
+    def weight_parts(self) -> dict[str, nn.Module]:
+        """Learned modules by the key prefix they have in a weights file."""
+        parts: dict[str, nn.Module] = {"vae": self.codec.vae, "unet": self.unet}
+        if self.backbone is not None:
+            parts["backbone"] = self.backbone.model
+        return parts
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Fitted non-weight state (statistics, indexes) as named CPU tensors."""
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_tensors`."""
+
+    # ------------------------------------------------------------------ inference
+
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε_θ(z_t, t) with per-sample timesteps."""
+        return self.unet(z_t, t).sample
+
+    def score_batch(self, x: torch.Tensor, timings: dict[str, float] | None = None) -> Scored:
+        """The method itself: frames x in [-1, 1] (checked, on the device) → scores and maps."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(
+        self,
+        x: torch.Tensor,
+        return_reconstruction: bool = False,
+        timings: dict[str, float] | None = None,
+    ) -> Prediction:
+        """Score a batch x (N, 3, H, W): float in [-1, 1], or uint8 in [0, 255]."""
+        if not self.is_fitted:
+            raise EdgeADError("the detector is not trained (fit it or load a bundle)")
+        x = self._checked_input(x)
+        out = self.score_batch(x, timings)
+        n = len(x)
+        distances = (
+            np.full(n, np.nan) if out.distances is None else np.asarray(out.distances, np.float64)
+        )
+        return Prediction(
+            scores=out.scores.float().cpu(),
+            maps=out.maps.float().cpu(),
+            timesteps=torch.as_tensor(np.asarray(out.timesteps, dtype=np.int64)),
+            distances=torch.from_numpy(distances),
+            is_anomalous=(out.scores >= self.threshold).cpu(),
+            reconstructions=out.x_hat.float().cpu() if return_reconstruction else None,
+        )
+
+    forward = predict
+
+    def _checked_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = to_model_range(x)
+        elif x.numel() and (float(x.min()) < -1.01 or float(x.max()) > 1.01):
+            raise EdgeADError("float frames must be in [-1, 1] (or pass uint8 in [0, 255])")
+        size = self.settings.data.image_size
+        if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (size, size):
+            raise EdgeADError(
+                f"expected frames of shape (N, 3, {size}, {size}), got {tuple(x.shape)}"
+            )
+        # Contiguous NCHW whatever the caller built (a permuted HWC array takes other conv
+        # kernels and moves scores by ~1e-5): the same frame always gets the same score.
+        return x.to(self.device).contiguous()
+
+    @torch.no_grad()
+    def predict_many(
+        self,
+        images: torch.Tensor,
+        batch_size: int = 8,
+        progress: Callable[[int, int], None] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Prediction:
+        """``predict`` over uint8 images (N, 3, H, W) in batches."""
+        parts = []
+        for start in range(0, len(images), batch_size):
+            parts.append(self.predict(images[start : start + batch_size], timings=timings))
+            if progress:
+                progress(min(start + batch_size, len(images)), len(images))
+        return Prediction.concat(parts)
+
+    # ------------------------------------------------------------------ training
+
+    def fit(
+        self,
+        train_images: torch.Tensor,
+        val_images: torch.Tensor,
+        observer: FitObserver | None = None,
+    ) -> dict[str, float]:
+        """Train every stage on normal uint8 images (N, 3, H, W); return summary metrics.
+
+        ``train_images`` train the networks and fitted state; ``val_images`` (held-out normals)
+        only calibrate the map statistics and the threshold. The stages are public so that Ray
+        Train (pipelines/train.py) can run the first two data-parallel and checkpoint them; this
+        method is the single-process order.
+        """
+        observer = observer or FitObserver()
+        self.prepare_fit(train_images, val_images)
+        summary = self.fit_autoencoder(train_images, observer)
+        self.fit_scaling(train_images)
+        summary |= self.fit_unet(self.encode_images(train_images), observer)
+        summary |= self.fit_head(train_images, observer)
+        self.fit_index(train_images, observer)
+        summary |= self.calibrate(val_images, observer)
+        return summary
+
+    def prepare_fit(self, train_images: torch.Tensor, val_images: torch.Tensor) -> None:
+        """Check the inputs, seed, and move to the training device (before any stage)."""
+        if len(train_images) < 2:
+            raise EdgeADError(f"need at least 2 normal training images, got {len(train_images)}")
+        if len(val_images) < 1:
+            raise EdgeADError("need at least 1 held-out normal image to calibrate the threshold")
+        torch.manual_seed(self.settings.runtime.seed)
+        self.to(resolve_device(self.settings.runtime.device))
+
+    def perceptual_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Σ_j GAP(1 − cos(φ⁰_j(x̂), φ⁰_j(x))) with a frozen copy φ⁰ of the (pretrained) backbone:
+        the autoencoder learns to keep what the feature maps will compare."""
+        from edge_ad.d3ad.adapt import cosine_feature_loss
+
+        if self.backbone is None:
+            raise EdgeADError(
+                f"autoencoder.perceptual_weight needs a feature backbone; {self.method} has none"
+            )
+        teacher = frozen_copy(self.backbone)
+
+        def loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                target = self.compared_features(teacher(x))
+            return cosine_feature_loss(self.compared_features(teacher(recon)), target)
+
+        return loss
+
+    def compared_features(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The backbone blocks the method compares between x and x̂ (default: all it reads)."""
+        return feats
+
+    def fit_autoencoder(
+        self,
+        train_images: torch.Tensor,
+        observer: FitObserver | None = None,
+        control: LoopControl | None = None,
+        seed_offset: int = 0,
+    ) -> dict[str, float]:
+        """Stage 1: the autoencoder E/D (skipped for a pretrained one: the paper uses SD's VAE
+        as is). ``seed_offset`` (the worker rank) gives each worker its own crops."""
+        cfg = self.settings
+        summary: dict[str, float] = {}
+        if cfg.autoencoder.pretrained is None and cfg.autoencoder.epochs > 0:
+            summary = train_autoencoder(
+                self.codec.vae,
+                train_images,
+                cfg.autoencoder,
+                self.device,
+                observer,
+                cfg.runtime.seed + seed_offset,
+                perceptual=self.perceptual_loss() if cfg.autoencoder.perceptual_weight else None,
+                control=control,
+            )
+        self.codec.vae.eval().requires_grad_(False)
+        return summary
+
+    @torch.no_grad()
+    def fit_scaling(self, train_images: torch.Tensor) -> None:
+        """1/std of the training latents (a trained autoencoder; a pretrained one has its own).
+        Data-parallel workers call this on *all* train images so they agree on the scale."""
+        if self.settings.autoencoder.pretrained is None:
+            batches = [to_model_range(b).to(self.device) for b in train_images.split(16)]
+            self.codec.scaling_factor = estimate_scaling_factor(self.codec.vae, batches)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled latents z0 = E(x) of uint8 images, on the CPU."""
+        return torch.cat(
+            [self.codec.encode(to_model_range(b).to(self.device)).cpu() for b in images.split(16)]
+        )
+
+    def fit_unet(
+        self,
+        latents: torch.Tensor,
+        observer: FitObserver | None = None,
+        control: LoopControl | None = None,
+        seed_offset: int = 0,
+    ) -> dict[str, float]:
+        """Stage 2: the latent UNet on z0 = E(x) of the training images."""
+        cfg = self.settings
+        u = cfg.unet
+        scheduler = make_noise_scheduler(u.beta_start, u.beta_end, u.num_train_timesteps)
+        summary = train_unet(
+            self.unet,
+            latents,
+            scheduler,
+            u,
+            self.device,
+            observer,
+            cfg.runtime.seed + seed_offset,
+            control=control,
+        )
+        self.unet.eval().requires_grad_(False)
+        return summary
+
+    def fit_head(
+        self, train_images: torch.Tensor, observer: FitObserver | None = None
+    ) -> dict[str, float]:
+        """Stage 3 (rank 0): the method's own learned part after the generative models."""
+        return {}
+
+    def fit_index(self, train_images: torch.Tensor, observer: FitObserver | None = None) -> None:
+        """Stage 4 (rank 0): the method's fitted state over the training images."""
+
+    def freeze_trained(self) -> None:
+        """Eval mode and no gradients for every learned part (after training or a resume)."""
+        self.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def calibrate(
+        self, val_images: torch.Tensor, observer: FitObserver | None = None
+    ) -> dict[str, float]:
+        """Fit the method's map statistics (if any) and the threshold on normal validation
+        images only. Methods with statistics override :meth:`calibration_scores`."""
+        observer = observer or FitObserver()
+        observer.stage_start("calibration", len(val_images))
+        scores = self.calibration_scores(val_images, observer)
+        self.threshold = validation_threshold(scores, self.settings.calibration.quantile)
+        summary = {
+            "threshold": self.threshold,
+            "val_score_mean": float(scores.mean()),
+            "val_score_max": float(scores.max()),
+        }
+        observer.stage_end("calibration", summary)
+        return summary
+
+    def calibration_scores(self, val_images: torch.Tensor, observer: FitObserver) -> np.ndarray:
+        """Scores of the validation normals (default: the method's own scores as they are)."""
+        scores = []
+        for b in val_images.split(8):
+            scores.append(self.score_batch(to_model_range(b).to(self.device)).scores.cpu())
+            observer.advance("calibration", len(b))
+        return torch.cat(scores).double().numpy()
+
+
+def top_k_mean(maps: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the k largest values of each map (N, ...) → (N,) (DiffusionAD's image score)."""
+    flat = maps.flatten(1)
+    return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(dim=1)
