@@ -132,9 +132,7 @@ class LatentDiffusionDetector(nn.Module):
     ) -> None:
         super().__init__()
         if settings.method != self.method:
-            raise EdgeADError(
-                f"settings are for method {settings.method!r}, not {self.method!r}"
-            )
+            raise EdgeADError(f"settings are for method {settings.method!r}, not {self.method!r}")
         self.settings = settings
         self.codec = LatentCodec(vae)
         self.unet = unet

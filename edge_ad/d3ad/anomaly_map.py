@@ -46,6 +46,7 @@ __all__ = [
     "gaussian_kernel1d",
     "image_score",
     "latent_distance",
+    "pooled_mean_std",
 ]
 
 Size = int | tuple[int, int] | Sequence[int]
@@ -138,7 +139,8 @@ def image_score(amap: torch.Tensor) -> torch.Tensor:
     return amap.flatten(1).amax(dim=1)
 
 
-def _mean_std(maps: torch.Tensor | Sequence[torch.Tensor]) -> tuple[float, float]:
+def pooled_mean_std(maps: torch.Tensor | Sequence[torch.Tensor]) -> tuple[float, float]:
+    """Mean and standard deviation of all pixels of one map tensor or a list of batches."""
     parts = [maps] if isinstance(maps, torch.Tensor) else list(maps)
     parts = [p.detach().to(torch.float64).reshape(-1) for p in parts]
     count = sum(p.numel() for p in parts)
@@ -184,8 +186,8 @@ class MapNormalizer:
 
         Each argument is one tensor or a list of batches (any shapes; all pixels are pooled).
         """
-        self.latent_mean, latent_std = _mean_std(latent_maps)
-        self.feature_mean, feature_std = _mean_std(feature_maps)
+        self.latent_mean, latent_std = pooled_mean_std(latent_maps)
+        self.feature_mean, feature_std = pooled_mean_std(feature_maps)
         self.latent_std = latent_std if latent_std > self.MIN_STD else 1.0
         self.feature_std = feature_std if feature_std > self.MIN_STD else 1.0
         self.fitted = True

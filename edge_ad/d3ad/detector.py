@@ -84,7 +84,9 @@ class D3AD(LatentDiffusionDetector):
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
-        self.severity = SeverityIndex.from_state({k: v.numpy() for k, v in part("severity").items()})
+        self.severity = SeverityIndex.from_state(
+            {k: v.numpy() for k, v in part("severity").items()}
+        )
         self.normalizer = MapNormalizer.from_arrays(part("normalizer"))
 
     def compared_features(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -180,7 +182,6 @@ class D3AD(LatentDiffusionDetector):
         self.backbone.eval().requires_grad_(False)
         return summary
 
-
     @torch.no_grad()
     def fit_index(self, train_images: torch.Tensor, observer: FitObserver | None = None) -> None:
         """Stage 4, DIC: KNN index and bins over the training features (adapted φ)."""
@@ -194,7 +195,6 @@ class D3AD(LatentDiffusionDetector):
         s = self.settings.severity
         self.severity.fit(np.concatenate(vectors), k=s.k, num_bins=s.num_bins)
         observer.stage_end("knn", {"knn_k": float(self.severity.k)})
-
 
     def calibration_scores(self, val_images: torch.Tensor, observer: FitObserver) -> np.ndarray:
         """Fit the map normalisation on the raw maps of the validation normals, then score them
