@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from edge_ad.errors import EdgeADError, NotAvailableYet
+from edge_ad.errors import EdgeADError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -65,6 +65,14 @@ LayoutOpt = Annotated[
     str, typer.Option(help="Dataset layout: auto, mvtec, visa, folder or synthetic.")
 ]
 ProfileOpt = Annotated[str, typer.Option(help="Settings profile: tiny, cpu or paper.")]
+MethodOpt = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        help="Detector: d3ad (default; most accurate on small defects), diffusionad (fastest: "
+        "one-step reconstruction + segmentation net) or ran (KL + feature scores).",
+    ),
+]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="YAML file overriding the profile's settings.")
 ]
@@ -88,10 +96,6 @@ TrackingOpt = Annotated[
 def _pct(value: float | None) -> str:
     """A metric in [0, 1] as a percentage cell; n/a when there is none."""
     return "n/a" if value is None else f"{100 * value:.1f}"
-
-
-def _not_yet(command: str, issue: int) -> NoReturn:
-    raise NotAvailableYet(f"`edge-ad {command}` is not available yet (planned in issue {issue})")
 
 
 def _check_layout(layout: str) -> str:
@@ -146,6 +150,7 @@ def train(
     data_root: DataRootOpt = None,
     layout: LayoutOpt = "auto",
     profile: ProfileOpt = "cpu",
+    method: MethodOpt = "d3ad",
     config: ConfigOpt = None,
     set_: SetOpt = None,
     output: Annotated[
@@ -175,7 +180,8 @@ def train(
     ] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Train D3AD per product as Ray Train jobs; log to MLflow and register each model.
+    """Train a detector (D3AD by default, see --method) per product as Ray Train jobs; log to
+    MLflow and register each model.
 
     Runs on a local Ray (started for you) or on the cluster in $RAY_ADDRESS. Several products
     train as concurrent jobs. The model lands in the registry as a new version of
@@ -195,14 +201,15 @@ def train(
         overrides.append(f"runtime.workers={workers}")
     if gpus_per_worker is not None:
         overrides.append(f"runtime.gpus_per_worker={gpus_per_worker}")
-    settings = load_settings(profile, config, overrides)
+    settings = load_settings(profile, config, overrides, method=method)
     root = _data_root(data_root)
     requests = []
     for name in names:
         dataset = load_dataset(root, name, layout)  # bad input fails here, before Ray starts
         console.print(
             f"[bold]{name}[/]: {len(dataset.train)} normal train images ({dataset.layout} "
-            f"layout), profile [bold]{settings.profile}[/], {settings.data.image_size}px, "
+            f"layout), method [bold]{settings.method}[/], profile [bold]{settings.profile}[/], "
+            f"{settings.data.image_size}px, "
             f"{settings.runtime.workers} worker(s)"
         )
         out = output / name if output is not None and len(names) > 1 else output
@@ -269,7 +276,7 @@ def eval(
         result = evaluate(bundle, _data_root(data_root), product, layout, progress=callback)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(result, indent=2))
-    table = Table(title=f"{product}: {result['images']} test images")
+    table = Table(title=f"{product} ({result['method']}): {result['images']} test images")
     for name in ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "f1_max"):
         table.add_column(name.replace("_", " "), justify="right")
     table.add_column("s/img", justify="right")
@@ -279,10 +286,11 @@ def eval(
         f"{result['seconds_per_image']:.3f}",
     )
     console.print(table)
-    console.print(
-        f"T̂ chosen (normal): {result['timesteps']['normal']}  (defect): "
-        f"{result['timesteps']['defect']}"
-    )
+    if result["method"] == "d3ad":
+        console.print(
+            f"T̂ chosen (normal): {result['timesteps']['normal']}  (defect): "
+            f"{result['timesteps']['defect']}"
+        )
     console.print(f"report: {report}")
 
 
@@ -724,12 +732,99 @@ def demo(
 )
 def compare(
     product: ProductOpt,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "d3ad,diffusionad,ran",
-    report: Annotated[Path | None, typer.Option(help="Write the table as JSON here.")] = None,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods: d3ad, diffusionad, ran.")
+    ] = "d3ad,diffusionad,ran",
+    report: Annotated[Path | None, typer.Option(help="Write the comparison as JSON here.")] = None,
     data_root: DataRootOpt = None,
+    layout: LayoutOpt = "auto",
+    profile: ProfileOpt = "cpu",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Bundles go to OUTPUT/<method> (default EDGE_AD_HOME/compare/P)."),
+    ] = None,
+    tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Train and evaluate several methods on the same split; print one table."""
-    _not_yet("compare", 8)
+    """Train and evaluate several methods on the same product and split; print one table.
+
+    Each method is a Ray Train job tracked in MLflow (tag compare=<id>), run one after the
+    other; none is registered. Columns: I-AUROC, P-AUROC, PRO, AP, s/img, train minutes.
+    """
+    from edge_ad.config import load_settings
+    from edge_ad.data import load_dataset
+    from edge_ad.paths import edge_home
+    from edge_ad.progress import RichFitObserver, make_progress
+    from pipelines.compare import compare_methods, parse_methods
+
+    _check_layout(layout)
+    names = parse_methods(methods)
+    if report is not None and report.is_dir():
+        raise EdgeADError(f"--report {report} is a directory; give a file name such as cmp.json")
+    overrides = list(set_ or [])
+    # Every method's settings are resolved now: a bad --set fails before minutes of training.
+    resolved = {m: load_settings(profile, config, overrides, method=m) for m in names}
+    root = _data_root(data_root)
+    dataset = load_dataset(root, product, layout)
+    console.print(
+        f"[bold]{product}[/]: {len(dataset.train)} normal train images, "
+        f"{len(dataset.test)} test images; methods {', '.join(names)}; profile {profile}"
+    )
+    out = output if output is not None else edge_home() / "compare" / product
+
+    def done(method: str, row: dict[str, Any]) -> None:
+        if "error" in row:
+            err_console.print(f"[bold red]{method} failed:[/] {row['error']}", highlight=False)
+        else:
+            console.print(
+                f"{method}: I-AUROC {_pct(row['image_auroc'])}, PRO {_pct(row['pro'])}, "
+                f"{row['seconds_per_image']:.3f} s/img, {row['train_minutes']:.1f} min"
+            )
+
+    with make_progress() as progress:
+        result = compare_methods(
+            product,
+            root,
+            resolved.__getitem__,
+            names,
+            out,
+            dataset.layout,
+            tracking_uri,
+            observer_factory=lambda m: RichFitObserver(progress, m),
+            on_result=done,
+        )
+    console.print(_compare_table(result))
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(result, indent=2))
+        console.print(f"report: {report}")
+    failed = [m for m, row in result["methods"].items() if "error" in row]
+    if failed:
+        raise EdgeADError(f"{len(failed)} of {len(names)} methods failed: {', '.join(failed)}")
+
+
+def _compare_table(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    split = result.get("split", {})
+    table = Table(
+        title=f"{result['product']}: train {split.get('train_images', '?')} / val "
+        f"{split.get('val_images', '?')} / test {split.get('test_images', '?')} images"
+    )
+    for column in ("method", "I-AUROC", "P-AUROC", "PRO", "AP", "s/img", "train min"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method, row in result["methods"].items():
+        if "error" in row:
+            table.add_row(method, "[red]failed[/]", *[""] * 5)
+            continue
+        table.add_row(
+            method,
+            *(_pct(row[k]) for k in ("image_auroc", "pixel_auroc", "pro", "pixel_ap")),
+            f"{row['seconds_per_image']:.3f}",
+            f"{row['train_minutes']:.1f}",
+        )
+    return table
 
 
 # ----------------------------------------------------------------------------- data

@@ -76,6 +76,13 @@ class Scored(NamedTuple):
     distances: torch.Tensor | np.ndarray | None = None  # (N,) or None
 
 
+def finite_or_none(value: float) -> float | None:
+    """A per-frame number for JSON (verdicts, infer files): None where the method has none
+    (NaN), since JSON has no NaN."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
     if name == "auto":

@@ -22,7 +22,7 @@ from edge_ad.config import Settings
 from edge_ad.d3ad.observer import FitObserver, HistoryObserver, ObserverGroup
 from edge_ad.data import load_dataset, load_images, load_masks, read_image, split_train_val
 from edge_ad.data.samples import Sample
-from edge_ad.detector import LatentDiffusionDetector, Prediction
+from edge_ad.detector import LatentDiffusionDetector, Prediction, finite_or_none
 from edge_ad.errors import EdgeADError
 from edge_ad.methods import build_detector
 from edge_ad.paths import edge_home
@@ -172,6 +172,7 @@ def evaluate(
     scores = pred.scores.numpy()
     report: dict = {
         "product": product,
+        "method": bundle.method,
         "images": len(samples),
         "image_auroc": metrics.image_auroc(labels, scores),
         "f1_max": metrics.f1_max(labels, scores),
@@ -272,7 +273,8 @@ def infer_images(
                 "threshold": detector.threshold,
                 "is_anomalous": bool(pred.is_anomalous[i]),
                 "timestep": int(pred.timesteps[i]),
-                "severity_distance": float(pred.distances[i]),
+                "method": bundle.method,
+                "severity_distance": finite_or_none(pred.distances[i]),
                 "boxes": regions,
                 "latency_ms": latency_ms,
                 "overlay": str(out / f"{name}.png"),

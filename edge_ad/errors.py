@@ -24,9 +24,3 @@ class DownloadError(EdgeADError):
 
 class ConfigError(EdgeADError):
     """A configuration file or option is invalid."""
-
-
-class NotAvailableYet(EdgeADError):
-    """A command that a later release fills in."""
-
-    exit_code = 2

@@ -376,6 +376,26 @@ def _ensure_registered_model(client: MlflowClient, name: str, product: str) -> N
             raise
 
 
+def log_eval(
+    tracker: RunTracker,
+    eval_report: dict[str, Any] | None,
+    extra_artifacts: dict[str, Path] | None = None,
+) -> dict[str, float]:
+    """Log the eval report (metrics + ``eval/report.json``) and extra artifact folders to the
+    run; return the metrics logged."""
+    metrics = report_metrics(eval_report)
+    if metrics:
+        tracker.log_metrics(metrics)
+    with tempfile.TemporaryDirectory(prefix="edge-ad-report-") as tmp:
+        if eval_report is not None:
+            report_file = Path(tmp) / "report.json"
+            report_file.write_text(json.dumps(eval_report, indent=2, default=str))
+            tracker.log_artifacts(report_file, "eval")
+    for artifact_path, local in (extra_artifacts or {}).items():
+        tracker.log_artifacts(Path(local), artifact_path)
+    return metrics
+
+
 def log_trained_model(
     tracker: RunTracker,
     bundle_path: Path,
@@ -393,16 +413,7 @@ def log_trained_model(
     bundle_path = Path(bundle_path)
     meta = read_meta(bundle_path)  # a clear error now, not a broken registered model later
     client, uri, run_id = tracker.client, tracker.uri, tracker.run_id
-    metrics = report_metrics(eval_report)
-    if metrics:
-        tracker.log_metrics(metrics)
-    with tempfile.TemporaryDirectory(prefix="edge-ad-report-") as tmp:
-        if eval_report is not None:
-            report_file = Path(tmp) / "report.json"
-            report_file.write_text(json.dumps(eval_report, indent=2, default=str))
-            tracker.log_artifacts(report_file, "eval")
-    for artifact_path, local in (extra_artifacts or {}).items():
-        tracker.log_artifacts(Path(local), artifact_path)
+    metrics = log_eval(tracker, eval_report, extra_artifacts)
 
     name = model_name(product)
     with _friendly(uri):

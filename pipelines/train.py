@@ -91,7 +91,8 @@ class TrainOptions:
 
     storage_path: Path | None = None  # Ray Train storage (absolute; shared on a cluster)
     tracking_uri: str | None = None  # MLflow; None = $MLFLOW_TRACKING_URI or the embedded store
-    track: bool = True  # log to MLflow and register the model
+    track: bool = True  # log to MLflow
+    register: bool = True  # ...and register the model (off: the run only, e.g. `compare`)
     resume: bool = False  # continue each product's last unfinished run
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     evaluate: bool = True  # score the test split on rank 0 after training
@@ -555,7 +556,10 @@ def train_one(
                 for name in ("heatmaps", "plots")
                 if (folder / REPORT_DIR / name).is_dir()
             }
-            version = registry.log_trained_model(tracker, output, product, report, artifacts)
+            if opts.register:
+                version = registry.log_trained_model(tracker, output, product, report, artifacts)
+            else:
+                registry.log_eval(tracker, report, artifacts)
     metrics = dict(result.metrics or {})
     summary = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     started_from = str(metrics.get("started_from", "scratch"))

@@ -146,9 +146,10 @@ class DiffusionAD(LatentDiffusionDetector):
             order = torch.randperm(len(train_images), generator=generator)
             for idx in order.split(d.seg_batch_size):
                 x, masks = self._synthetic_batch(images_hwc[idx.numpy()], rng)
+                x, masks = self._crop(x, masks, generator)
                 x, masks = x.to(self.device), masks.to(self.device)
                 with torch.no_grad():
-                    x_hat = self.reconstruct(x, self._random_noise(len(x), generator))
+                    x_hat = self.reconstruct(x, self._random_noise(x, generator))
                 loss, parts = mask_loss(
                     self.segment(x, x_hat), masks, d.focal_weight, d.focal_alpha, d.focal_gamma
                 )
@@ -183,10 +184,26 @@ class DiffusionAD(LatentDiffusionDetector):
         x = to_model_range(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous())
         return x, torch.from_numpy(np.stack(masks))[:, None]
 
-    def _random_noise(
-        self, n: int, generator: torch.Generator
+    def _crop(
+        self, x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (n, *self.fixed_noise.shape[2:])
+        """The same random ``seg_crop_size`` window of frames and masks (no-op for None)."""
+        size = self.settings.diffusionad.seg_crop_size
+        if size is None or size >= x.shape[-1]:
+            return x, masks
+        top, left = (
+            int(v) for v in torch.randint(0, x.shape[-1] - size + 1, (2,), generator=generator)
+        )
+        window = (..., slice(top, top + size), slice(left, left + size))
+        return x[window], masks[window]
+
+    def _random_noise(
+        self, like: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh ε of both scales for the latents of frames ``like`` (training)."""
+        down = 2 ** (len(self.codec.vae.config.block_out_channels) - 1)
+        c = self.fixed_noise.shape[2]
+        shape = (len(like), c, like.shape[-2] // down, like.shape[-1] // down)
         return (
             torch.randn(shape, generator=generator).to(self.device),
             torch.randn(shape, generator=generator).to(self.device),

@@ -92,7 +92,7 @@ class FrameScore:
     threshold: float
     is_anomalous: bool
     timestep: int
-    severity_distance: float
+    severity_distance: float | None  # D3AD's DIC distance; None for other methods
     boxes: list[dict]
     heatmap: str | None  # base64 PNG thumbnail, for anomalous frames only
 
@@ -112,6 +112,8 @@ def score_frames(
     if good:
         import torch
 
+        from edge_ad.detector import finite_or_none
+
         batch = torch.from_numpy(np.stack([img for _, img in good])).permute(0, 3, 1, 2)
         pred = detector.predict(batch)
         for j, (i, _) in enumerate(good):
@@ -122,7 +124,7 @@ def score_frames(
                 threshold=float(detector.threshold),
                 is_anomalous=anomalous,
                 timestep=int(pred.timesteps[j]),
-                severity_distance=float(pred.distances[j]),
+                severity_distance=finite_or_none(pred.distances[j]),
                 boxes=defect_regions(amap, detector.threshold),
                 heatmap=(
                     base64.b64encode(heatmap_png(amap, detector.threshold)).decode()

@@ -64,14 +64,30 @@ def test_bad_setting_is_a_clear_error(synth_root: Path, run_cli: RunCli) -> None
     assert "unet.epoch" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_not_yet_available_commands_exit_2_without_fake_output(
-    run_cli: RunCli,
+def test_compare_and_train_reject_unknown_methods_in_one_line(
+    run_cli: RunCli, synth_root: Path
 ) -> None:
-    for args in (["compare", "-p", "x"],):
-        result = run_cli(*args)
-        assert result.returncode == 2, args
-        assert "not available yet" in result.stderr
-        assert result.stdout.strip() == ""
+    root = ["--data-root", str(synth_root)]
+    result = run_cli("compare", "-p", "synth-pcb", *root, "--methods", "d3ad,patchcore")
+    assert result.returncode == 1
+    assert "unknown method(s) patchcore" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("compare", "-p", "synth-pcb", *root, "--methods", "ran,ran")
+    assert result.returncode == 1 and "listed twice" in result.stderr
+    result = run_cli("train", "-p", "synth-pcb", *root, "--method", "draem")
+    assert result.returncode == 1
+    assert "unknown method 'draem'" in result.stderr and "Traceback" not in result.stderr
+    # A setting that is wrong for one method fails before any training starts.
+    result = run_cli(
+        "compare",
+        "-p",
+        "synth-pcb",
+        *root,
+        "--methods",
+        "d3ad,diffusionad",
+        "--set",
+        "diffusionad.t_small=500",
+    )
+    assert result.returncode == 1 and "t_small (500) must be below t_big" in result.stderr
 
 
 def test_streaming_commands_without_a_broker_say_so_at_once(run_cli: RunCli) -> None:

@@ -1,0 +1,116 @@
+"""``edge-ad compare``: several methods trained and evaluated on ONE product and ONE split.
+
+Each method runs as its own Ray Train job (the same path as ``edge-ad train``: data-parallel
+generative stages, MLflow run with params and metrics), one after the other so each gets the
+whole machine and its timings are comparable. The train/validation split is the deterministic
+one of ``data.seed`` and the evaluation is the held-back test split, identical for all. Runs are
+tracked (tag ``compare=<id>``) but NOT registered: a comparison must not move ``staging``.
+
+The result is one table (I-AUROC, P-AUROC, PRO, AP, s/img, train minutes) and a JSON report.
+A method that fails is reported as such and the others still run.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from edge_ad.config import METHODS, Settings
+from edge_ad.d3ad.observer import FitObserver
+from edge_ad.errors import EdgeADError
+
+#: The report columns, in table order (metrics in [0, 1]).
+METRICS = ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "seconds_per_image", "train_minutes")
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"d3ad,ran"`` → ``["d3ad", "ran"]`` (checked, no repeats)."""
+    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise EdgeADError(f"--methods names no method; choose from {', '.join(METHODS)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise EdgeADError(
+            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}"
+        )
+    if len(set(methods)) != len(methods):
+        raise EdgeADError(f"a method is listed twice: {text}")
+    return methods
+
+
+def compare_methods(
+    product: str,
+    data_root: str | Path,
+    settings_for: Callable[[str], Settings],
+    methods: Sequence[str],
+    output: Path,
+    layout: str = "auto",
+    tracking_uri: str | None = None,
+    observer_factory: Callable[[str], FitObserver | None] | None = None,  # by method
+    on_result: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate each method in turn; return the comparison report.
+
+    ``settings_for(method)`` gives the resolved settings of a method (the profile with what
+    the method changes in it, then the user's overrides). ``on_result(method, row)`` is called
+    as each method finishes.
+    """
+    from pipelines.train import TrainOptions, TrainRequest, ensure_ray, train_one
+
+    compare_id = f"{product}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    ensure_ray()
+    rows: dict[str, dict[str, Any]] = {}
+    split: dict[str, Any] = {}
+    for method in methods:
+        settings = settings_for(method)
+        opts = TrainOptions(
+            tracking_uri=tracking_uri,
+            register=False,
+            # Bars labelled by method (the product is the same for all).
+            observer_factory=(lambda _p, m=method: observer_factory(m))
+            if observer_factory
+            else None,
+            extra_tags={"compare": compare_id},
+        )
+        request = TrainRequest(product, str(data_root), layout, str(output / method))
+        try:
+            job = train_one(request, settings, opts)
+        except EdgeADError as err:
+            rows[method] = {"error": str(err)}
+        else:
+            report = job.report or {}
+            if not report:
+                raise EdgeADError(
+                    f"{product} has no test split with both good and defective images under "
+                    f"{data_root}: nothing to compare on"
+                )
+            rows[method] = {
+                **{k: report.get(k) for k in METRICS if k != "train_minutes"},
+                "train_minutes": job.summary.get("train_minutes", job.wall_seconds / 60.0),
+                "f1_max": report.get("f1_max"),
+                "image_auroc_by_type": report.get("image_auroc_by_type"),
+                "threshold": job.summary.get("threshold"),
+                "bundle": str(job.bundle_path),
+                "mlflow_run_id": job.mlflow_run_id,
+                "profile": settings.profile,
+            }
+            from edge_ad.bundle import read_meta
+
+            dataset = read_meta(job.bundle_path).get("dataset", {})
+            split = split or {
+                "train_images": dataset.get("n_train"),
+                "val_images": dataset.get("n_val"),
+                "test_images": report.get("images"),
+            }
+        if on_result is not None:
+            on_result(method, rows[method])
+    return {
+        "product": product,
+        "data_root": str(data_root),
+        "compare_id": compare_id,
+        "split": split,
+        "methods": rows,
+    }
