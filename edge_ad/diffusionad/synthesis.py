@@ -17,6 +17,7 @@ from scipy import ndimage
 
 PERLIN_THRESHOLD = 0.5
 MAX_SCALE_EXPONENT = 6  # cells per side 2^k, k ∈ [0, 6)
+MIN_TEXTURE_CONTRAST = 12.0  # mean |A − N| (grey levels) under the mask for a visible anomaly
 
 
 def _fade(t: np.ndarray) -> np.ndarray:
@@ -144,9 +145,16 @@ def synthesize_anomaly(
     texture or the frame's shuffled strips (half each)."""
     size = image.shape[0]
     mask = perlin_mask(size, rng)
-    source = generated_texture(size, rng) if rng.random() < 0.5 else shuffled_strips(image, rng)
+    normal = image.astype(np.float32)
+    texture = (
+        generated_texture(size, rng) if rng.random() < 0.5 else shuffled_strips(image, rng)
+    ).astype(np.float32)
+    inside = mask > 0
+    if np.abs(texture[inside] - normal[inside]).mean() < MIN_TEXTURE_CONTRAST:
+        # The frame's own strips can look just like the frame (a plain surface): a label with
+        # nothing visible under it would teach the network noise. Use a generated texture.
+        texture = generated_texture(size, rng).astype(np.float32)
     beta = rng.uniform(*beta_range)
     m = mask[..., None]
-    normal, texture = image.astype(np.float32), source.astype(np.float32)
     out = beta * m * normal + (1 - beta) * m * texture + (1 - m) * normal
     return np.clip(out, 0, 255).round().astype(np.uint8), mask
