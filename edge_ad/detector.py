@@ -297,6 +297,7 @@ class LatentDiffusionDetector(nn.Module):
         self.fit_scaling(train_images)
         summary |= self.fit_unet(self.encode_images(train_images), observer)
         summary |= self.fit_head(train_images, observer)
+        self.freeze_trained()  # φ in eval mode from here: BatchNorm must not see batches
         self.fit_index(train_images, observer)
         summary |= self.calibrate(val_images, observer)
         return summary
@@ -406,7 +407,9 @@ class LatentDiffusionDetector(nn.Module):
         """Stage 4 (rank 0): the method's fitted state over the training images."""
 
     def freeze_trained(self) -> None:
-        """Eval mode and no gradients for every learned part (after training or a resume)."""
+        """Eval mode and no gradients for every learned part, after the trained stages (a
+        backbone left in train mode would normalise with batch statistics: scores would depend
+        on the batch, and fitting an index would move its running statistics)."""
         self.eval().requires_grad_(False)
 
     @torch.no_grad()

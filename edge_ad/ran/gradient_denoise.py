@@ -4,12 +4,13 @@ Instead of noising the frame and sampling it back (which also "repairs" normal d
 moves the frame down the gradient of the PaDiM energy L — anomalies are what L sees — and treats
 each gradient step as a step of forward diffusion, so the diffusion model can denoise it:
 
-    x_k = √(1 − s²)·x_{k−1} − s·ĝ,     ĝ = ∇L(x_{k−1}) / std(∇L(x_{k−1}))       (Eq. 13)
+    x_k = √(1 − s²)·x_{k−1} − s·ĝ,     ĝ = ∇L(x_{k−1}) / rms(∇L(x_{k−1}))       (Eq. 13)
     every N_d steps: one reverse diffusion step from the t whose ᾱ_t matches the signal left,
                      ᾱ ≈ Π(1 − s²), to t − 1 (posterior mean at x̂_0 = one-step estimate)
 
 The paper assumes ∇L ~ N(0, β I) to read the step as diffusion noise; normalising the gradient to
-unit standard deviation makes that scale hold by construction (s = 0.02 is then exactly the
+unit root-mean-square (the standard deviation of zero-mean noise; unlike the standard deviation it
+stays finite for a constant gradient) makes that scale hold by construction (s = 0.02 is then exactly the
 noise level of a step). The frame here is the latent z0 = E(x): L is evaluated on φ(D(z)), and
 the UNet denoises in the space it was trained in. Alg. 1's sign (+) and weight (√(1 − β̂_t))
 disagree with Eq. 13; Eq. 13 is used (descent). The reverse step is its mean (no sampled noise),
@@ -35,12 +36,12 @@ def matching_timestep(alphas_cumprod: torch.Tensor, abar: float) -> int:
 
 
 def energy_gradient(energy: EnergyFn, z: torch.Tensor) -> torch.Tensor:
-    """∇_z L, normalised to unit standard deviation per frame."""
+    """∇_z L, normalised to unit root-mean-square per frame (0 stays 0)."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(energy(z).sum(), z)
-    std = grad.flatten(1).std(dim=1).clamp_min(1e-12)
-    return grad / std.view(-1, *([1] * (grad.ndim - 1)))
+    rms = grad.flatten(1).pow(2).mean(dim=1).sqrt().clamp_min(1e-12)
+    return grad / rms.view(-1, *([1] * (grad.ndim - 1)))
 
 
 def denoise_step(
