@@ -8,10 +8,10 @@ each gradient step as a step of forward diffusion, so the diffusion model can de
     every N_d steps: one reverse diffusion step from the t whose ᾱ_t matches the signal left,
                      ᾱ ≈ Π(1 − s²), to t − 1 (posterior mean at x̂_0 = one-step estimate)
 
-The paper assumes ∇L ~ N(0, β I) to read the step as diffusion noise; normalising the gradient to
-unit root-mean-square (the standard deviation of zero-mean noise; unlike the standard deviation it
-stays finite for a constant gradient) makes that scale hold by construction (s = 0.02 is then exactly the
-noise level of a step). The frame here is the latent z0 = E(x): L is evaluated on φ(D(z)), and
+The paper assumes ∇L ~ N(0, β I) to read the step as diffusion noise; normalising the gradient
+to unit root-mean-square (the standard deviation of zero-mean noise, but finite for a constant
+gradient) makes that scale hold by construction (s = 0.02 is then exactly the noise level of a
+step). The frame here is the latent z0 = E(x): L is evaluated on φ(D(z)), and
 the UNet denoises in the space it was trained in. Alg. 1's sign (+) and weight (√(1 − β̂_t))
 disagree with Eq. 13; Eq. 13 is used (descent). The reverse step is its mean (no sampled noise),
 so a frame's reconstruction and score are deterministic.

@@ -37,9 +37,9 @@ def test_each_method_has_its_class_and_profile_changes() -> None:
 def test_method_settings_are_checked_up_front() -> None:
     with pytest.raises(ConfigError, match="unknown method 'patchcore'"):
         load_settings("tiny", method="patchcore")
-    with pytest.raises(ConfigError, match="t_small .* must be below t_big"):
+    with pytest.raises(ConfigError, match=r"t_small .* must be below t_big"):
         load_settings("tiny", method="diffusionad", overrides=["diffusionad.t_small=450"])
-    with pytest.raises(ConfigError, match="max_train_timestep \\(100\\) must be at least"):
+    with pytest.raises(ConfigError, match=r"max_train_timestep \(100\) must be at least"):
         load_settings("tiny", method="diffusionad", overrides=["unet.max_train_timestep=100"])
     with pytest.raises(ConfigError, match="seg_crop_size"):
         load_settings("cpu", method="diffusionad", overrides=["diffusionad.seg_crop_size=100"])

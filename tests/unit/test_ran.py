@@ -58,10 +58,12 @@ def test_kl_map_on_known_noise_errors() -> None:
         abar = float(ABAR[t])
         z_t = math.sqrt(abar) * z0 + math.sqrt(1 - abar) * noise
 
-        def eps_fn(z: torch.Tensor, tt: torch.Tensor, d: torch.Tensor = delta) -> torch.Tensor:
+        def eps_fn(
+            z: torch.Tensor, tt: torch.Tensor, t: int = t, z_t: torch.Tensor = z_t
+        ) -> torch.Tensor:
             assert torch.equal(tt, torch.full((3,), t))
             torch.testing.assert_close(z, z_t)
-            return noise + d
+            return noise + delta
 
         got = kl_map(eps_fn, z0, t, ABAR, noise)
         assert got.shape == (3, 1, 8, 8)
