@@ -373,13 +373,25 @@ def models(
         )
         return
     table = Table(title=f"registered models ({registry.tracking_uri(tracking_uri)})")
-    for column in ("model", "version", "aliases", "I-AUROC", "P-AUROC", "PRO", "created", "run"):
+    columns = (
+        "model",
+        "version",
+        "method",
+        "aliases",
+        "I-AUROC",
+        "P-AUROC",
+        "PRO",
+        "created",
+        "run",
+    )
+    for column in columns:
         table.add_column(column, justify="right" if column in ("version",) else "left")
     for row in rows:
         cells = [row.metrics.get(k) for k in ("image_auroc", "pixel_auroc", "pro")]
         table.add_row(
             row.name,
             str(row.version),
+            row.tags.get("method", "d3ad"),  # versions from before issue 8 are all D3AD
             ", ".join(row.aliases) or "-",
             *(_pct(v) for v in cells),
             row.created,

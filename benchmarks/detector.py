@@ -1,11 +1,14 @@
 """Detector throughput: images/s at batch sizes 1, 8, 32 and milliseconds per image per stage.
 
     python benchmarks/detector.py                     # trains a tiny model on generated data
+    python benchmarks/detector.py --method diffusionad  # ... of another method
     python benchmarks/detector.py --model DIR         # a trained bundle (e.g. the cpu profile)
 
-Stages: features (φ(x)), severity (KNN + bins), encode (E), diffusion (10 guided DDIM steps),
-decode (D), map (φ(x̂), distances, normalisation, blur). One burn-in batch per size, then
-``--repeats`` timed batches (CUDA synchronised). The last line printed is one JSON object:
+Stages are the method's own (``STAGES`` of its detector class); for D3AD: features (φ(x)),
+severity (KNN + bins), encode (E), diffusion (10 guided DDIM steps), decode (D), map (φ(x̂),
+distances, normalisation, blur); DiffusionAD: encode, diffusion (2 ε_θ evaluations), decode,
+segment; RAN: encode, kl, reconstruct (gradient denoising), decode, features. One burn-in
+batch per size, then ``--repeats`` timed batches (CUDA synchronised). The last line printed is one JSON object:
 {"batch": [...], "images_per_s": [...], "ms_per_image_by_stage": {stage: ms}, ...}.
 """
 
@@ -22,13 +25,12 @@ import torch
 
 from edge_ad.bundle import load_bundle
 from edge_ad.config import load_settings
-from edge_ad.d3ad.detector import STAGES
 from edge_ad.data.synthetic import SyntheticProduct, SynthSpec, generate_dataset
 from edge_ad.engine import as_chw, train_product
 
 
-def tiny_bundle(workdir: Path) -> Path:
-    settings = load_settings("tiny")
+def tiny_bundle(workdir: Path, method: str) -> Path:
+    settings = load_settings("tiny", method=method)
     spec = SynthSpec(
         image_size=settings.data.image_size, n_train=60, n_test_good=1, n_test_per_defect=1
     )
@@ -45,14 +47,16 @@ def frames(n: int, size: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="bundle directory (default: train tiny)")
+    parser.add_argument("--method", default="d3ad", help="method of the tiny model trained")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or tiny_bundle(Path(tmp))
+        model = args.model or tiny_bundle(Path(tmp), args.method)
         detector = load_bundle(model, device=args.device).detector
+    stages = type(detector).STAGES
     size = detector.settings.data.image_size
     pool = frames(max(args.batches), size)
     rates, by_stage = [], {}
@@ -66,7 +70,7 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         n = batch * args.repeats
         rates.append(n / elapsed)
-        by_stage[str(batch)] = {s: 1000.0 * timings.get(s, 0.0) / n for s in STAGES}
+        by_stage[str(batch)] = {s: 1000.0 * timings.get(s, 0.0) / n for s in stages}
         print(
             f"batch {batch:3d}: {n / elapsed:7.2f} images/s  "
             + "  ".join(f"{s} {v:.1f}ms" for s, v in by_stage[str(batch)].items())
@@ -80,6 +84,7 @@ def main() -> None:
         "ms_per_image_by_stage_per_batch": by_stage,
         "image_size": size,
         "profile": detector.settings.profile,
+        "method": detector.method,
         "device": str(detector.device),
         "threads": torch.get_num_threads(),
     }

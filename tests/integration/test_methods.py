@@ -1,0 +1,154 @@
+"""DiffusionAD and RAN end to end, as a user runs them: `edge-ad train --method M` (a Ray Train
+job, tracked and registered in MLflow) → `edge-ad eval` / `infer` from the registry → serving
+(the MLflow pyfunc and Serve's frame scorer for RAN; the real Kafka + Ray Serve line for
+DiffusionAD)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_ad import registry
+from edge_ad.stream.broker import EmbeddedBroker
+from edge_ad.stream.kafka_io import read_topic
+from edge_ad.stream.schema import DLQ_TOPIC, VERDICTS_TOPIC, Verdict
+from tests.integration.test_stream_cli import REPO, _wait_for
+
+pytestmark = pytest.mark.slow
+
+RunCli = Callable[..., subprocess.CompletedProcess[str]]
+# Enough training for every stage to run on real weights, in about a minute on 2 cores.
+QUICK = ["autoencoder.epochs=4", "unet.epochs=20", "data.max_train_images=24"]
+METRICS = ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "f1_max")
+
+
+def _ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def _train_and_eval(run_cli: RunCli, tmp_path: Path, product: str, method: str, *sets: str) -> dict:
+    """Generate ``product``, train ``method`` on it, evaluate the registered version."""
+    data = tmp_path / "data"
+    _ok(run_cli("data", "synth", "-p", product, "--out", str(data), "--image-size", "64",
+                "--train", "40", "--test-good", "8", "--per-defect", "3"))  # fmt: skip
+    overrides = [arg for s in (*QUICK, *sets) for arg in ("--set", s)]
+    train = _ok(run_cli("train", "-p", product, "--data-root", str(data), "--profile", "tiny",
+                        "--method", method, *overrides))  # fmt: skip
+    assert f"method {method}" in train.stdout
+    assert f"registered edge-ad-{product} version 1" in train.stdout
+
+    (version,) = registry.list_versions(product)
+    assert version.tags["method"] == method  # the registry says which detector it holds
+    assert "image_auroc" in version.metrics
+
+    report_file = tmp_path / "report.json"
+    _ok(run_cli("eval", "-p", product, "--model", f"models:/edge-ad-{product}@staging",
+                "--data-root", str(data), "--report", str(report_file)))  # fmt: skip
+    report = json.loads(report_file.read_text())
+    assert report["method"] == method and report["images"] == 8 + 5 * 3
+    for key in METRICS:
+        assert 0.0 <= report[key] <= 1.0, (key, report)
+    return {"data": data, "report": report}
+
+
+def test_ran_train_eval_infer_and_serving_paths(run_cli: RunCli, tmp_path: Path) -> None:
+    import mlflow
+
+    from edge_ad.engine import resolve_model
+    from edge_ad.stream.scoring import encode_image, score_frames
+
+    product = "ran-board"
+    run = _train_and_eval(run_cli, tmp_path, product, "ran")
+    images = [
+        run["data"] / product / "test" / "good" / "000.png",
+        run["data"] / product / "test" / "missing_part" / "000.png",
+    ]
+    out = tmp_path / "out"
+    _ok(run_cli("infer", "--model", f"models:/edge-ad-{product}@staging", *map(str, images),
+                "--out", str(out)))  # fmt: skip
+    verdicts = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert len(verdicts) == 2
+    for v in verdicts:
+        assert v["method"] == "ran" and v["severity_distance"] is None  # valid JSON, no NaN
+        assert v["timestep"] == 100 and Path(v["overlay"]).is_file()
+        assert v["is_anomalous"] == (v["score"] >= v["threshold"])
+
+    # What Serve's scorer runs, and the MLflow pyfunc, score exactly what infer scored.
+    bundle = resolve_model(f"models:/edge-ad-{product}@staging", device="cpu")
+    from PIL import Image
+
+    frames = [encode_image(np.asarray(Image.open(p).convert("RGB"))) for p in images]
+    scored = score_frames(bundle.detector, frames)
+    by_name = {Path(v["image"]).parent.name: v["score"] for v in verdicts}
+    assert [s.score for s in scored] == pytest.approx([by_name["good"], by_name["missing_part"]])
+    assert all(s.severity_distance is None for s in scored)
+    uri = registry.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/edge-ad-{product}@staging")
+        import pandas as pd
+
+        rows = model.predict(pd.DataFrame({"image": frames}))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert list(rows["score"]) == pytest.approx([s.score for s in scored], rel=1e-5)
+
+
+def test_diffusionad_train_eval_and_stream(
+    run_cli: RunCli, tmp_path: Path, edge_home: Path
+) -> None:
+    product = "dad-board"
+    _train_and_eval(run_cli, tmp_path, product, "diffusionad", "diffusionad.seg_epochs=3")
+    _ok(run_cli("promote", "-p", product, "--version", "1"))
+
+    with EmbeddedBroker(port=0) as broker:
+        env = {**os.environ, "EDGE_AD_HOME": str(edge_home), "COLUMNS": "200"}
+        serve = subprocess.Popen(
+            [sys.executable, "-c", "from cli import app; app()", "serve", "--products", product,
+             "--bootstrap-servers", broker.bootstrap, "--scorer-cpus", "0.5"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            _wait_for(serve, "serving", timeout_s=180)
+            truth = tmp_path / "truth.jsonl"
+            _ok(run_cli("replay", "-p", product, "--count", "8", "--fps", "0",
+                        "--defect-rate", "0.5", "--truth", str(truth),
+                        "--bootstrap-servers", broker.bootstrap))  # fmt: skip
+            sent = {json.loads(line)["frame_id"] for line in truth.read_text().splitlines()}
+            assert len(sent) == 8
+            seen: dict[str, Verdict] = {}
+            deadline = time.monotonic() + 180
+
+            def done() -> bool:
+                return set(seen) >= sent or time.monotonic() > deadline
+
+            for record in read_topic(VERDICTS_TOPIC, broker.bootstrap, follow=True, stop=done):
+                verdict = Verdict.from_json(record.value)
+                seen[verdict.frame_id] = verdict
+            assert set(seen) >= sent
+            for v in seen.values():
+                assert v.product == product and v.model_version == "1"
+                assert v.timestep == 200  # DiffusionAD's t_s, whatever the frame
+                assert v.severity_distance is None and 0.0 <= v.score <= 1.0
+                assert v.is_anomalous == (v.score >= v.threshold)
+            assert not list(read_topic(DLQ_TOPIC, broker.bootstrap))
+        finally:
+            serve.send_signal(signal.SIGINT)
+            try:
+                _, err = serve.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+                raise
+        assert serve.returncode == 0, err
+        assert "Traceback" not in err
