@@ -8,8 +8,9 @@ Stages are the method's own (``STAGES`` of its detector class); for D3AD: featur
 severity (KNN + bins), encode (E), diffusion (10 guided DDIM steps), decode (D), map (φ(x̂),
 distances, normalisation, blur); DiffusionAD: encode, diffusion (2 ε_θ evaluations), decode,
 segment; RAN: encode, kl, reconstruct (gradient denoising), decode, features. One burn-in
-batch per size, then ``--repeats`` timed batches (CUDA synchronised). The last line printed is one JSON object:
-{"batch": [...], "images_per_s": [...], "ms_per_image_by_stage": {stage: ms}, ...}.
+batch per size, then ``--repeats`` timed batches (CUDA synchronised). The last line printed
+is one JSON object: {"batch": [...], "images_per_s": [...], "ms_per_image_by_stage":
+{stage: ms}, "method": ..., ...}.
 """
 
 from __future__ import annotations
