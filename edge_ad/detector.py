@@ -185,6 +185,21 @@ class LatentDiffusionDetector(nn.Module):
     def device(self) -> torch.device:
         return self.alphas_cumprod.device
 
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        """(C, h, w) of the latents of H×W frames (default: the settings' image size)."""
+        vae = self.codec.vae
+        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        size = self.settings.data.image_size
+        h, w = (height or size) // down, (width or size) // down
+        return (int(vae.config.latent_channels), h, w)
+
+    def fixed_noise(self, *leading: int, offset: int = 0) -> torch.Tensor:
+        """Gaussian ε of shape (*leading, 1, C, h, w), the same for every model built with these
+        settings: the methods that noise a frame use one fixed draw (broadcast over the batch)
+        so a frame's score does not depend on its batch, its replica or the call."""
+        g = torch.Generator().manual_seed(self.settings.runtime.seed + offset)
+        return torch.randn((*leading, 1, *self.latent_shape()), generator=g)
+
     @property
     def is_fitted(self) -> bool:
         return math.isfinite(self.threshold) and self._state_fitted()

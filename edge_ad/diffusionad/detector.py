@@ -67,12 +67,8 @@ class DiffusionAD(LatentDiffusionDetector):
                 f"2^(diffusionad.seg_levels − 1) = {2 ** (d.seg_levels - 1)}"
             )
         self.seg = SegmentationNet(d.seg_channels, d.seg_levels)
-        # One fixed ε per scale (broadcast over the batch): deterministic, batch-independent.
-        down = 2 ** (len(vae.config.block_out_channels) - 1)
-        side = settings.data.image_size // down
-        g = torch.Generator().manual_seed(settings.runtime.seed + 7)
-        shape = (2, 1, int(vae.config.latent_channels), side, side)
-        self.register_buffer("fixed_noise", torch.randn(shape, generator=g), persistent=False)
+        # One fixed ε per scale (t_s, t_b), broadcast over the batch.
+        self.register_buffer("scale_noise", self.fixed_noise(2, offset=7), persistent=False)
 
     def weight_parts(self) -> dict[str, nn.Module]:
         return super().weight_parts() | {"seg": self.seg}
@@ -84,7 +80,7 @@ class DiffusionAD(LatentDiffusionDetector):
     ) -> torch.Tensor:
         """x̂ = D(ẑ0_g) for x in [-1, 1]; ``noise`` = (ε_s, ε_b), the fixed draw by default."""
         d = self.settings.diffusionad
-        eps_s, eps_b = noise if noise is not None else (self.fixed_noise[0], self.fixed_noise[1])
+        eps_s, eps_b = noise if noise is not None else (self.scale_noise[0], self.scale_noise[1])
         z0 = self.codec.encode(x)
         z_hat = norm_guided_x0(
             self.eps, z0, d.t_small, d.t_big, self.alphas_cumprod, d.guidance_w, eps_s, eps_b
@@ -108,8 +104,8 @@ class DiffusionAD(LatentDiffusionDetector):
                 d.t_big,
                 self.alphas_cumprod,
                 d.guidance_w,
-                self.fixed_noise[0],
-                self.fixed_noise[1],
+                self.scale_noise[0],
+                self.scale_noise[1],
             )
         with timer("decode"):
             x_hat = self.codec.decode(z_hat)
@@ -201,9 +197,7 @@ class DiffusionAD(LatentDiffusionDetector):
         self, like: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh ε of both scales for the latents of frames ``like`` (training)."""
-        down = 2 ** (len(self.codec.vae.config.block_out_channels) - 1)
-        c = self.fixed_noise.shape[2]
-        shape = (len(like), c, like.shape[-2] // down, like.shape[-1] // down)
+        shape = (len(like), *self.latent_shape(like.shape[-2], like.shape[-1]))
         return (
             torch.randn(shape, generator=generator).to(self.device),
             torch.randn(shape, generator=generator).to(self.device),

@@ -62,11 +62,9 @@ class RAN(LatentDiffusionDetector):
         self.padim = PaDiM()
         # (mean, std) of each KL timestep's map, then of the feature map: K + 1 rows.
         self.stats: torch.Tensor | None = None
-        down = 2 ** (len(vae.config.block_out_channels) - 1)
-        side = size // down
-        g = torch.Generator().manual_seed(settings.runtime.seed + 5)
-        shape = (len(r.kl_timesteps), r.kl_samples, 1, int(vae.config.latent_channels), side, side)
-        self.register_buffer("kl_noise", torch.randn(shape, generator=g), persistent=False)
+        # ε per KL timestep and draw, each broadcast over the batch.
+        noise = self.fixed_noise(len(r.kl_timesteps), r.kl_samples, offset=5)
+        self.register_buffer("kl_noise", noise, persistent=False)
 
     @classmethod
     def backbone_layers(cls, settings: Settings) -> list[int]:

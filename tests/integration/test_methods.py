@@ -6,10 +6,7 @@ DiffusionAD)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +18,7 @@ from edge_ad import registry
 from edge_ad.stream.broker import EmbeddedBroker
 from edge_ad.stream.kafka_io import read_topic
 from edge_ad.stream.schema import DLQ_TOPIC, VERDICTS_TOPIC, Verdict
-from tests.integration.test_stream_cli import REPO, _wait_for
+from tests.integration.test_stream_cli import serving
 
 pytestmark = pytest.mark.slow
 
@@ -112,43 +109,26 @@ def test_diffusionad_train_eval_and_stream(
     _train_and_eval(run_cli, tmp_path, product, "diffusionad", "diffusionad.seg_epochs=3")
     _ok(run_cli("promote", "-p", product, "--version", "1"))
 
-    with EmbeddedBroker(port=0) as broker:
-        env = {**os.environ, "EDGE_AD_HOME": str(edge_home), "COLUMNS": "200"}
-        serve = subprocess.Popen(
-            [sys.executable, "-c", "from cli import app; app()", "serve", "--products", product,
-             "--bootstrap-servers", broker.bootstrap, "--scorer-cpus", "0.5"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            _wait_for(serve, "serving", timeout_s=180)
-            truth = tmp_path / "truth.jsonl"
-            _ok(run_cli("replay", "-p", product, "--count", "8", "--fps", "0",
-                        "--defect-rate", "0.5", "--truth", str(truth),
-                        "--bootstrap-servers", broker.bootstrap))  # fmt: skip
-            sent = {json.loads(line)["frame_id"] for line in truth.read_text().splitlines()}
-            assert len(sent) == 8
-            seen: dict[str, Verdict] = {}
-            deadline = time.monotonic() + 180
+    with EmbeddedBroker(port=0) as broker, serving(edge_home, product, broker.bootstrap):
+        truth = tmp_path / "truth.jsonl"
+        _ok(run_cli("replay", "-p", product, "--count", "8", "--fps", "0",
+                    "--defect-rate", "0.5", "--truth", str(truth),
+                    "--bootstrap-servers", broker.bootstrap))  # fmt: skip
+        sent = {json.loads(line)["frame_id"] for line in truth.read_text().splitlines()}
+        assert len(sent) == 8
+        seen: dict[str, Verdict] = {}
+        deadline = time.monotonic() + 180
 
-            def done() -> bool:
-                return set(seen) >= sent or time.monotonic() > deadline
+        def done() -> bool:
+            return set(seen) >= sent or time.monotonic() > deadline
 
-            for record in read_topic(VERDICTS_TOPIC, broker.bootstrap, follow=True, stop=done):
-                verdict = Verdict.from_json(record.value)
-                seen[verdict.frame_id] = verdict
-            assert set(seen) >= sent
-            for v in seen.values():
-                assert v.product == product and v.model_version == "1"
-                assert v.timestep == 200  # DiffusionAD's t_s, whatever the frame
-                assert v.severity_distance is None and 0.0 <= v.score <= 1.0
-                assert v.is_anomalous == (v.score >= v.threshold)
-            assert not list(read_topic(DLQ_TOPIC, broker.bootstrap))
-        finally:
-            serve.send_signal(signal.SIGINT)
-            try:
-                _, err = serve.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-                raise
-        assert serve.returncode == 0, err
-        assert "Traceback" not in err
+        for record in read_topic(VERDICTS_TOPIC, broker.bootstrap, follow=True, stop=done):
+            verdict = Verdict.from_json(record.value)
+            seen[verdict.frame_id] = verdict
+        assert set(seen) >= sent
+        for v in seen.values():
+            assert v.product == product and v.model_version == "1"
+            assert v.timestep == 200  # DiffusionAD's t_s, whatever the frame
+            assert v.severity_distance is None and 0.0 <= v.score <= 1.0
+            assert v.is_anomalous == (v.score >= v.threshold)
+        assert not list(read_topic(DLQ_TOPIC, broker.bootstrap))

@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,31 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout_s: float) -> str:
     raise AssertionError(f"{text!r} never appeared; stdout: {''.join(seen)} stderr: {err}")
 
 
+@contextmanager
+def serving(edge_home: Path, products: str, bootstrap: str) -> Iterator[dict[str, str]]:
+    """`edge-ad serve` in the foreground of a real process until the block ends; then Ctrl-C,
+    which must stop it cleanly. The dict receives the process's stdout and stderr."""
+    env = {**os.environ, "EDGE_AD_HOME": str(edge_home), "COLUMNS": "200"}
+    serve = subprocess.Popen(
+        [sys.executable, "-c", "from cli import app; app()", "serve", "--products", products,
+         "--bootstrap-servers", bootstrap, "--scorer-cpus", "0.5"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    output: dict[str, str] = {}
+    try:
+        _wait_for(serve, "serving", timeout_s=180)
+        yield output
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            output["out"], output["err"] = serve.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            raise
+    assert serve.returncode == 0, output["err"]
+    assert "serve stopped" in output["out"] and "Traceback" not in output["err"]
+
+
 def test_serve_replay_verdicts_from_the_command_line(
     fast_model: tuple[Any, Any], edge_home: Path, run_cli: RunCli, tmp_path: Path
 ) -> None:
@@ -55,46 +81,29 @@ def test_serve_replay_verdicts_from_the_command_line(
     tracker.finish()
     registry.promote(PRODUCT, version)
 
-    with EmbeddedBroker(port=0) as broker:
-        env = {**os.environ, "EDGE_AD_HOME": str(edge_home), "COLUMNS": "200"}
-        serve = subprocess.Popen(
-            [sys.executable, "-c", "from cli import app; app()", "serve", "--products", PRODUCT,
-             "--bootstrap-servers", broker.bootstrap, "--scorer-cpus", "0.5"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    with EmbeddedBroker(port=0) as broker, serving(edge_home, PRODUCT, broker.bootstrap):
+        truth = tmp_path / "truth.jsonl"
+        sent = run_cli(
+            "replay", "-p", PRODUCT, "--count", "8", "--fps", "0", "--defect-rate", "0.5",
+            "--cameras", "2", "--truth", str(truth), "--bootstrap-servers", broker.bootstrap,
         )  # fmt: skip
-        try:
-            _wait_for(serve, "serving", timeout_s=180)
-            truth = tmp_path / "truth.jsonl"
-            sent = run_cli(
-                "replay", "-p", PRODUCT, "--count", "8", "--fps", "0", "--defect-rate", "0.5",
-                "--cameras", "2", "--truth", str(truth), "--bootstrap-servers", broker.bootstrap,
-            )  # fmt: skip
-            assert sent.returncode == 0, sent.stderr
-            assert f"sent 8 frames of {PRODUCT}" in sent.stdout
-            rows = [json.loads(line) for line in truth.read_text().splitlines()]
-            assert len(rows) == 8 and {r["frame_id"][:5] for r in rows} == {"cam-1", "cam-2"}
+        assert sent.returncode == 0, sent.stderr
+        assert f"sent 8 frames of {PRODUCT}" in sent.stdout
+        rows = [json.loads(line) for line in truth.read_text().splitlines()]
+        assert len(rows) == 8 and {r["frame_id"][:5] for r in rows} == {"cam-1", "cam-2"}
 
-            deadline = time.monotonic() + 120
-            while True:
-                shown = run_cli("verdicts", "--bootstrap-servers", broker.bootstrap)
-                assert shown.returncode == 0, shown.stderr
-                if "8 frames" in shown.stdout or time.monotonic() > deadline:
-                    break
-                time.sleep(2)
-            assert "8 frames" in shown.stdout, shown.stdout
-            for row in rows:
-                assert row["frame_id"] in shown.stdout
-            dlq = run_cli("verdicts", "--dlq", "--bootstrap-servers", broker.bootstrap)
-            assert dlq.returncode == 0 and "0 frame(s) in edge-ad.frames.dlq" in dlq.stdout
-        finally:
-            serve.send_signal(signal.SIGINT)
-            try:
-                out, err = serve.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-                raise
-        assert serve.returncode == 0, err
-        assert "serve stopped" in out and "Traceback" not in err
+        deadline = time.monotonic() + 120
+        while True:
+            shown = run_cli("verdicts", "--bootstrap-servers", broker.bootstrap)
+            assert shown.returncode == 0, shown.stderr
+            if "8 frames" in shown.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert "8 frames" in shown.stdout, shown.stdout
+        for row in rows:
+            assert row["frame_id"] in shown.stdout
+        dlq = run_cli("verdicts", "--dlq", "--bootstrap-servers", broker.bootstrap)
+        assert dlq.returncode == 0 and "0 frame(s) in edge-ad.frames.dlq" in dlq.stdout
 
 
 def test_demo_runs_end_to_end(run_cli: RunCli, tmp_path: Path) -> None:
