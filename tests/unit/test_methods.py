@@ -87,10 +87,14 @@ def test_predict_is_deterministic_and_batch_independent(
         assert float(pred.maps.min()) >= 0 and float(pred.maps.max()) <= 1  # probabilities
 
 
-def test_a_synthetic_defect_scores_above_its_clean_frame(
+@pytest.mark.parametrize("fitted", ["ran"], indirect=True)
+def test_a_synthetic_defect_raises_rans_map_where_it_is(
     fitted: tuple[LatentDiffusionDetector, HistoryObserver],
 ) -> None:
-    """Even barely trained, a large bright square must raise the map where it is."""
+    """Even barely trained, a large bright square must raise RAN's map where it is (its KL and
+    feature scores need no learned head). DiffusionAD's map is its segmentation network's, which
+    after this fixture's 4 tiny epochs is still flat (measured: +/-5e-4 either way), so the
+    check would only test luck there; its synthesis and loss are tested on their own."""
     detector, _ = fitted
     clean = _frames(4, 9)
     broken = clean.clone()
