@@ -47,10 +47,14 @@ class Bundle:
 
     detector: LatentDiffusionDetector
     product: str
-    method: str = "d3ad"
     metrics: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+
+    @property
+    def method(self) -> str:
+        """The detection method: the detector's own, so it cannot disagree with it."""
+        return self.detector.method
 
 
 def _prefixed(prefix: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -180,7 +184,6 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
     return Bundle(
         detector=detector,
         product=meta["product"],
-        method=meta.get("method", "d3ad"),
         metrics=meta.get("metrics", {}),
         meta=meta,
         path=path,

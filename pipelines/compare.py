@@ -88,6 +88,7 @@ def compare_methods(
                     f"{data_root}: nothing to compare on"
                 )
             rows[method] = {
+                "method": report.get("method"),  # what the evaluated bundle says it is
                 **{k: report.get(k) for k in METRICS if k != "train_minutes"},
                 "train_minutes": job.summary.get("train_minutes", job.wall_seconds / 60.0),
                 "f1_max": report.get("f1_max"),

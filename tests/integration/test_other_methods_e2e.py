@@ -132,3 +132,29 @@ def test_diffusionad_train_eval_and_stream(
             assert v.severity_distance is None and 0.0 <= v.score <= 1.0
             assert v.is_anomalous == (v.score >= v.threshold)
         assert not list(read_topic(DLQ_TOPIC, broker.bootstrap))
+
+
+def test_compare_trains_each_method_on_one_split_without_registering(
+    run_cli: RunCli, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    _ok(run_cli("data", "synth", "-p", "cmp-board", "--out", str(data), "--image-size", "64",
+                "--train", "24", "--test-good", "6", "--per-defect", "2"))  # fmt: skip
+    fast = ["autoencoder.epochs=1", "unet.epochs=2", "adapt.epochs=0", "diffusionad.seg_epochs=1"]
+    report_file = tmp_path / "cmp.json"
+    result = _ok(run_cli("compare", "-p", "cmp-board", "--data-root", str(data), "--profile",
+                         "tiny", "--methods", "d3ad,diffusionad", "--report", str(report_file),
+                         "--output", str(tmp_path / "models"),
+                         *[a for s in fast for a in ("--set", s)]))  # fmt: skip
+    for column in ("I-AUROC", "P-AUROC", "PRO", "AP", "s/img", "train min"):
+        assert column in result.stdout
+    report = json.loads(report_file.read_text())
+    assert list(report["methods"]) == ["d3ad", "diffusionad"]
+    assert report["split"] == {"train_images": 22, "val_images": 2, "test_images": 6 + 5 * 2}
+    for method, row in report["methods"].items():
+        assert row["method"] == method  # the evaluated bundle is the method's own
+        assert (tmp_path / "models" / method / "bundle.json").is_file()
+        for key in METRICS:
+            assert 0.0 <= row[key] <= 1.0, (method, key, row)
+        assert row["seconds_per_image"] > 0 and row["train_minutes"] > 0
+    assert registry.list_versions("cmp-board") == []  # tracked, not registered
