@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 import edge_ad
 from edge_ad.config import settings_from_dict
-from edge_ad.detector import LatentDiffusionDetector, resolve_device
+from edge_ad.detector import LatentDiffusionDetector, resolve_device, strip_prefix
 from edge_ad.errors import EdgeADError
 from edge_ad.methods import detector_class
 from edge_ad.models.backbone import FeatureBackbone
@@ -65,11 +65,6 @@ def _prefixed(prefix: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _strip(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    start = len(prefix) + 1
-    return {k[start:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
 def detector_weights(detector: LatentDiffusionDetector) -> dict[str, torch.Tensor]:
     """``vae.*``, ``unet.*``, ``backbone.*`` (and the method's own networks): every learned
     weight, as CPU copies for safetensors (bundles and Ray Train checkpoints write the same
@@ -85,7 +80,7 @@ def load_detector_weights(
 ) -> None:
     """Load what :func:`detector_weights` wrote into ``detector``'s modules (strict)."""
     for name, module in detector.weight_parts().items():
-        module.load_state_dict(_strip(name, weights))
+        module.load_state_dict(strip_prefix(name, weights))
 
 
 def save_bundle(

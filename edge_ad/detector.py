@@ -76,6 +76,13 @@ class Scored(NamedTuple):
     distances: torch.Tensor | np.ndarray | None = None  # (N,) or None
 
 
+def strip_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"severity.k": v, ...}`` → ``{"k": v}`` for the keys under ``prefix.`` (weights and
+    fitted state are stored flat, one prefix per part)."""
+    start = len(prefix) + 1
+    return {k[start:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
 def finite_or_none(value: float) -> float | None:
     """A per-frame number for JSON (verdicts, infer files): None where the method has none
     (NaN), since JSON has no NaN."""

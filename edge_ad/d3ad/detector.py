@@ -31,7 +31,14 @@ from edge_ad.d3ad.observer import FitObserver
 from edge_ad.d3ad.reconstruct import reconstruct_latents
 from edge_ad.d3ad.severity import SeverityIndex, pool_features, timesteps_for_bins
 from edge_ad.d3ad.trainer import to_model_range
-from edge_ad.detector import LatentDiffusionDetector, Prediction, Scored, StageTimer, resolve_device
+from edge_ad.detector import (
+    LatentDiffusionDetector,
+    Prediction,
+    Scored,
+    StageTimer,
+    resolve_device,
+    strip_prefix,
+)
 from edge_ad.errors import EdgeADError
 from edge_ad.models.backbone import FeatureBackbone
 
@@ -81,13 +88,9 @@ class D3AD(LatentDiffusionDetector):
         return {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-
-        self.severity = SeverityIndex.from_state(
-            {k: v.numpy() for k, v in part("severity").items()}
-        )
-        self.normalizer = MapNormalizer.from_arrays(part("normalizer"))
+        severity = strip_prefix("severity", state)
+        self.severity = SeverityIndex.from_state({k: v.numpy() for k, v in severity.items()})
+        self.normalizer = MapNormalizer.from_arrays(strip_prefix("normalizer", state))
 
     def compared_features(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         return [feats[i] for i in self._map_pos]

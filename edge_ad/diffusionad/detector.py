@@ -75,17 +75,21 @@ class DiffusionAD(LatentDiffusionDetector):
 
     # ------------------------------------------------------------------ inference
 
+    def denoise(
+        self, z0: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """ẑ0_g of the latents; ``noise`` = (ε_s, ε_b), the model's fixed draw by default."""
+        d = self.settings.diffusionad
+        eps_s, eps_b = noise if noise is not None else (self.scale_noise[0], self.scale_noise[1])
+        return norm_guided_x0(
+            self.eps, z0, d.t_small, d.t_big, self.alphas_cumprod, d.guidance_w, eps_s, eps_b
+        )
+
     def reconstruct(
         self, x: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """x̂ = D(ẑ0_g) for x in [-1, 1]; ``noise`` = (ε_s, ε_b), the fixed draw by default."""
-        d = self.settings.diffusionad
-        eps_s, eps_b = noise if noise is not None else (self.scale_noise[0], self.scale_noise[1])
-        z0 = self.codec.encode(x)
-        z_hat = norm_guided_x0(
-            self.eps, z0, d.t_small, d.t_big, self.alphas_cumprod, d.guidance_w, eps_s, eps_b
-        )
-        return self.codec.decode(z_hat)
+        """x̂ = D(ẑ0_g) for x in [-1, 1]."""
+        return self.codec.decode(self.denoise(self.codec.encode(x), noise))
 
     def segment(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         """Mask logits (N, 1, H, W) of the segmentation network on cat(x, x̂)."""
@@ -97,16 +101,7 @@ class DiffusionAD(LatentDiffusionDetector):
         with timer("encode"):
             z0 = self.codec.encode(x)
         with timer("diffusion"):
-            z_hat = norm_guided_x0(
-                self.eps,
-                z0,
-                d.t_small,
-                d.t_big,
-                self.alphas_cumprod,
-                d.guidance_w,
-                self.scale_noise[0],
-                self.scale_noise[1],
-            )
+            z_hat = self.denoise(z0)
         with timer("decode"):
             x_hat = self.codec.decode(z_hat)
         with timer("segment"):

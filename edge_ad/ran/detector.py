@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DModel
 
 from edge_ad.config import Settings
-from edge_ad.d3ad.anomaly_map import gaussian_blur, pooled_mean_std
+from edge_ad.d3ad.anomaly_map import gaussian_blur, image_score, pooled_mean_std
 from edge_ad.d3ad.observer import FitObserver
 from edge_ad.d3ad.trainer import to_model_range
-from edge_ad.detector import LatentDiffusionDetector, Scored, StageTimer
+from edge_ad.detector import LatentDiffusionDetector, Scored, StageTimer, strip_prefix
 from edge_ad.errors import EdgeADError
 from edge_ad.models.backbone import FeatureBackbone
 from edge_ad.ran.gradient_denoise import gradient_denoise
@@ -80,9 +80,7 @@ class RAN(LatentDiffusionDetector):
         return {f"padim.{k}": v for k, v in self.padim.to_tensors().items()} | {"stats": self.stats}
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        self.padim = PaDiM.from_tensors(
-            {k[len("padim.") :]: v for k, v in state.items() if k.startswith("padim.")}
-        )
+        self.padim = PaDiM.from_tensors(strip_prefix("padim", state))
         if "stats" not in state:
             raise EdgeADError("RAN state is missing its normalisation statistics")
         self.stats = state["stats"].double()
@@ -160,7 +158,7 @@ class RAN(LatentDiffusionDetector):
         kls, f_map, x_hat = self.raw_maps(x, timings)
         amap = self.combine(kls, f_map)
         t = np.full(len(x), max(self.settings.ran.kl_timesteps), dtype=np.int64)
-        return Scored(amap.flatten(1).amax(dim=1), amap, t, x_hat)
+        return Scored(image_score(amap), amap, t, x_hat)
 
     # ------------------------------------------------------------------ training
 
@@ -196,8 +194,4 @@ class RAN(LatentDiffusionDetector):
         stats = torch.tensor(rows, dtype=torch.float64)
         stats[:, 1] = torch.where(stats[:, 1] > 1e-12, stats[:, 1], torch.ones_like(stats[:, 1]))
         self.stats = stats
-        return (
-            torch.cat([self.combine(kls, f).flatten(1).amax(dim=1) for kls, f in raw])
-            .double()
-            .numpy()
-        )
+        return torch.cat([image_score(self.combine(kls, f)) for kls, f in raw]).double().numpy()
