@@ -31,7 +31,12 @@ from safetensors.torch import load_file, save_file
 
 import edge_ad
 from edge_ad.config import settings_from_dict
-from edge_ad.detector import LatentDiffusionDetector, resolve_device, strip_prefix
+from edge_ad.detector import (
+    LatentDiffusionDetector,
+    add_prefix,
+    resolve_device,
+    strip_prefix,
+)
 from edge_ad.errors import EdgeADError
 from edge_ad.methods import detector_class
 from edge_ad.models.backbone import FeatureBackbone
@@ -57,12 +62,9 @@ class Bundle:
         return self.detector.method
 
 
-def _prefixed(prefix: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        tensor = torch.as_tensor(np.asarray(value)) if not torch.is_tensor(value) else value
-        out[f"{prefix}.{key}"] = tensor.detach().cpu().contiguous().clone()
-    return out
+def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached contiguous CPU copies: what safetensors writes."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
 
 def detector_weights(detector: LatentDiffusionDetector) -> dict[str, torch.Tensor]:
@@ -71,7 +73,7 @@ def detector_weights(detector: LatentDiffusionDetector) -> dict[str, torch.Tenso
     keys)."""
     weights: dict[str, torch.Tensor] = {}
     for name, module in detector.weight_parts().items():
-        weights |= _prefixed(name, module.state_dict())
+        weights |= _cpu_copies(add_prefix(name, module.state_dict()))
     return weights
 
 
@@ -99,7 +101,7 @@ def save_bundle(
     except OSError as err:
         raise EdgeADError(f"cannot write the bundle to {path}: {err.strerror}") from None
     weights = detector_weights(detector)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in detector.state_tensors().items()}
+    state = _cpu_copies(detector.state_tensors())
     save_file(weights, str(path / WEIGHTS_FILE))
     save_file(state, str(path / STATE_FILE))
     backbone = detector.backbone

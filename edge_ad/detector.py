@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -74,6 +74,15 @@ class Scored(NamedTuple):
     timesteps: torch.Tensor | np.ndarray  # (N,)
     x_hat: torch.Tensor  # (N, 3, H, W) in [-1, 1]
     distances: torch.Tensor | np.ndarray | None = None  # (N,) or None
+
+
+def add_prefix(prefix: str, values: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``{"k": v, ...}`` → ``{"prefix.k": tensor(v)}``, the flat form :func:`strip_prefix`
+    undoes (numpy arrays become tensors, tensors stay as they are)."""
+    return {
+        f"{prefix}.{k}": v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v))
+        for k, v in values.items()
+    }
 
 
 def strip_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -36,6 +36,7 @@ from edge_ad.detector import (
     Prediction,
     Scored,
     StageTimer,
+    add_prefix,
     resolve_device,
     strip_prefix,
 )
@@ -83,9 +84,9 @@ class D3AD(LatentDiffusionDetector):
         return self.severity.bin_edges is not None and self.normalizer.fitted
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        state = {f"severity.{k}": v for k, v in self.severity.state_dict().items()}
-        state |= {f"normalizer.{k}": v for k, v in self.normalizer.to_arrays().items()}
-        return {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}
+        return add_prefix("severity", self.severity.state_dict()) | add_prefix(
+            "normalizer", self.normalizer.to_arrays()
+        )
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
         severity = strip_prefix("severity", state)

@@ -29,7 +29,13 @@ from edge_ad.config import Settings
 from edge_ad.d3ad.anomaly_map import gaussian_blur, image_score, pooled_mean_std
 from edge_ad.d3ad.observer import FitObserver
 from edge_ad.d3ad.trainer import to_model_range
-from edge_ad.detector import LatentDiffusionDetector, Scored, StageTimer, strip_prefix
+from edge_ad.detector import (
+    LatentDiffusionDetector,
+    Scored,
+    StageTimer,
+    add_prefix,
+    strip_prefix,
+)
 from edge_ad.errors import EdgeADError
 from edge_ad.models.backbone import FeatureBackbone
 from edge_ad.ran.gradient_denoise import gradient_denoise
@@ -77,7 +83,7 @@ class RAN(LatentDiffusionDetector):
         if not self._state_fitted():
             return {}
         assert self.stats is not None
-        return {f"padim.{k}": v for k, v in self.padim.to_tensors().items()} | {"stats": self.stats}
+        return add_prefix("padim", self.padim.to_tensors()) | {"stats": self.stats}
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
         self.padim = PaDiM.from_tensors(strip_prefix("padim", state))
