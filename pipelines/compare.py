@@ -93,6 +93,8 @@ def compare_methods(
                 "train_minutes": job.summary.get("train_minutes", job.wall_seconds / 60.0),
                 "f1_max": report.get("f1_max"),
                 "image_auroc_by_type": report.get("image_auroc_by_type"),
+                # Where a method spends its s/img (each detector's own STAGES).
+                "ms_per_image_by_stage": report.get("ms_per_image_by_stage"),
                 "threshold": job.summary.get("threshold"),
                 "bundle": str(job.bundle_path),
                 "mlflow_run_id": job.mlflow_run_id,

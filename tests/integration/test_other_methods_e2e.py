@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from edge_ad import registry
+from edge_ad.methods import detector_class
 from edge_ad.stream.broker import EmbeddedBroker
 from edge_ad.stream.kafka_io import read_topic
 from edge_ad.stream.schema import DLQ_TOPIC, VERDICTS_TOPIC, Verdict
@@ -157,4 +158,8 @@ def test_compare_trains_each_method_on_one_split_without_registering(
         for key in METRICS:
             assert 0.0 <= row[key] <= 1.0, (method, key, row)
         assert row["seconds_per_image"] > 0 and row["train_minutes"] > 0
+        # Where the time goes, in the method's own stages.
+        stages = row["ms_per_image_by_stage"]
+        assert set(stages) == set(detector_class(method).STAGES), (method, stages)
+        assert all(ms >= 0 for ms in stages.values()) and sum(stages.values()) > 0
     assert registry.list_versions("cmp-board") == []  # tracked, not registered
