@@ -69,8 +69,9 @@ MethodOpt = Annotated[
     str,
     typer.Option(
         "--method",
-        help="Detector: d3ad (default; most accurate on small defects), diffusionad (fastest: "
-        "one-step reconstruction + segmentation net) or ran (KL + feature scores).",
+        help="Detector: d3ad (default: patch memory + latent diffusion, severity-chosen "
+        "timestep), knn (the patch memory alone, a PatchCore-style baseline: fastest), "
+        "diffusionad (one-step reconstruction + segmentation net) or ran (KL + feature scores).",
     ),
 ]
 ConfigOpt = Annotated[
@@ -279,17 +280,23 @@ def eval(
     table = Table(title=f"{product} ({result['method']}): {result['images']} test images")
     for name in ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "f1_max"):
         table.add_column(name.replace("_", " "), justify="right")
+    table.add_column("recall @thr", justify="right")
+    table.add_column("FPR @thr", justify="right")
     table.add_column("s/img", justify="right")
     cells = [result[k] for k in ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "f1_max")]
     table.add_row(
         *(_pct(v) for v in cells),
+        _pct(result.get("recall_at_threshold")),
+        _pct(result.get("false_positive_rate_at_threshold")),
         f"{result['seconds_per_image']:.3f}",
     )
     console.print(table)
     if result["method"] == "d3ad":
+        mean_t = result.get("mean_timestep", {})
         console.print(
             f"T̂ chosen (normal): {result['timesteps']['normal']}  (defect): "
-            f"{result['timesteps']['defect']}"
+            f"{result['timesteps']['defect']}  mean {mean_t.get('normal')} / "
+            f"{mean_t.get('defect')}"
         )
     console.print(f"report: {report}")
 
@@ -824,15 +831,19 @@ def _compare_table(result: dict[str, Any]) -> Any:
         title=f"{result['product']}: train {split.get('train_images', '?')} / val "
         f"{split.get('val_images', '?')} / test {split.get('test_images', '?')} images"
     )
-    for column in ("method", "I-AUROC", "P-AUROC", "PRO", "AP", "s/img", "train min"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    columns = ("I-AUROC", "P-AUROC", "PRO", "AP", "recall", "FPR", "s/img", "train min")
+    table.add_column("method")
+    for column in columns:
+        table.add_column(column, justify="right")
     for method, row in result["methods"].items():
         if "error" in row:
-            table.add_row(method, "[red]failed[/]", *[""] * 5)
+            table.add_row(method, "[red]failed[/]", *[""] * (len(columns) - 1))
             continue
         table.add_row(
             method,
             *(_pct(row[k]) for k in ("image_auroc", "pixel_auroc", "pro", "pixel_ap")),
+            _pct(row.get("recall_at_threshold")),
+            _pct(row.get("false_positive_rate_at_threshold")),
             f"{row['seconds_per_image']:.3f}",
             f"{row['train_minutes']:.1f}",
         )

@@ -4,11 +4,13 @@ Layout::
 
     <bundle>/
       bundle.json          format version, method, product, threshold, settings, the
-                           autoencoder/UNet configs, backbone name/layers, metrics
+                           autoencoder/UNet configs (latent-diffusion methods), backbone
+                           name/layers, metrics
       weights.safetensors  vae.*, unet.*, backbone.* (φ, adapted for D3AD) and the method's
                            own networks (DiffusionAD: seg.*)
-      state.safetensors    the method's fitted state (D3AD: severity.* KNN vectors, bin
-                           edges, distances, normalizer.*; RAN: padim.*, stats.*)
+      state.safetensors    the method's fitted state (memory.*: the patch memory's kept
+                           vectors; D3AD: severity.* bins, normalizer.*, memory_norm.*;
+                           RAN: padim.*, stats.*)
 
 Everything is JSON or safetensors, so loading a bundle never unpickles anything: a bundle
 that arrived over the network cannot run code. The detector is rebuilt from the bundle alone
@@ -25,18 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import edge_ad
 from edge_ad.config import settings_from_dict
-from edge_ad.detector import (
-    LatentDiffusionDetector,
-    add_prefix,
-    resolve_device,
-    strip_prefix,
-)
+from edge_ad.detector import Detector, add_prefix, resolve_device, strip_prefix
 from edge_ad.errors import EdgeADError
 from edge_ad.methods import detector_class
 from edge_ad.models.backbone import FeatureBackbone
@@ -50,7 +46,7 @@ META_FILE, WEIGHTS_FILE, STATE_FILE = "bundle.json", "weights.safetensors", "sta
 class Bundle:
     """A loaded bundle: the detector plus what is known about it."""
 
-    detector: LatentDiffusionDetector
+    detector: Detector
     product: str
     metrics: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -67,7 +63,7 @@ def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
 
-def detector_weights(detector: LatentDiffusionDetector) -> dict[str, torch.Tensor]:
+def detector_weights(detector: Detector) -> dict[str, torch.Tensor]:
     """``vae.*``, ``unet.*``, ``backbone.*`` (and the method's own networks): every learned
     weight, as CPU copies for safetensors (bundles and Ray Train checkpoints write the same
     keys)."""
@@ -77,16 +73,14 @@ def detector_weights(detector: LatentDiffusionDetector) -> dict[str, torch.Tenso
     return weights
 
 
-def load_detector_weights(
-    detector: LatentDiffusionDetector, weights: dict[str, torch.Tensor]
-) -> None:
+def load_detector_weights(detector: Detector, weights: dict[str, torch.Tensor]) -> None:
     """Load what :func:`detector_weights` wrote into ``detector``'s modules (strict)."""
     for name, module in detector.weight_parts().items():
         module.load_state_dict(strip_prefix(name, weights))
 
 
 def save_bundle(
-    detector: LatentDiffusionDetector,
+    detector: Detector,
     path: str | Path,
     product: str,
     metrics: dict[str, float] | None = None,
@@ -111,10 +105,8 @@ def save_bundle(
         "method": detector.method,
         "product": product,
         "threshold": detector.threshold,
-        "scaling_factor": detector.codec.scaling_factor,
         "settings": detector.settings.to_dict(),
-        "vae_config": dict(detector.codec.vae.config),
-        "unet_config": dict(detector.unet.config),
+        **detector.extra_meta(),  # latent-diffusion methods: scaling_factor, vae/unet configs
         "backbone": None
         if backbone is None
         else {
@@ -187,27 +179,17 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
     )
 
 
-def _rebuild(path: Path, meta: dict[str, Any]) -> LatentDiffusionDetector:
+def _rebuild(path: Path, meta: dict[str, Any]) -> Detector:
     settings = settings_from_dict(meta["settings"])
     method = meta.get("method", "d3ad")
     if settings.method != method:
         raise ValueError(f"bundle.json says method {method!r}, its settings {settings.method!r}")
-    vae = AutoencoderKL.from_config(_config_without_private(meta["vae_config"]))
-    unet = UNet2DModel.from_config(_config_without_private(meta["unet_config"]))
     backbone = None
     if meta.get("backbone"):
         b = meta["backbone"]
         backbone = FeatureBackbone(b["name"], b["layers"], weights=None)
         backbone.weights_source = b.get("weights_source", "bundle")
-    detector = detector_class(method)(
-        settings, vae, unet, backbone, threshold=float(meta["threshold"])
-    )
+    detector = detector_class(method).from_meta(settings, meta, backbone)
     detector.load_state_tensors(load_file(str(path / STATE_FILE)))
     load_detector_weights(detector, load_file(str(path / WEIGHTS_FILE)))
-    detector.codec.scaling_factor = float(meta["scaling_factor"])
     return detector
-
-
-def _config_without_private(config: dict[str, Any]) -> dict[str, Any]:
-    # diffusers configs carry bookkeeping keys (_class_name, _diffusers_version, ...).
-    return {k: v for k, v in config.items() if not k.startswith("_")}

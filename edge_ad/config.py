@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edge_ad.errors import ConfigError
 
 PROFILES = ("tiny", "cpu", "paper")
-METHODS = ("d3ad", "diffusionad", "ran")
+METHODS = ("d3ad", "diffusionad", "ran", "knn")
 
 
 class _Section(BaseModel):
@@ -113,7 +113,14 @@ class BackboneConfig(_Section):
 
 
 class SeverityConfig(_Section):
-    k: int = Field(20, ge=1)
+    mode: Literal["patch", "pooled"] = Field(
+        "patch",
+        description="patch = mean of the top_k patch-memory distances (a small defect on a "
+        "large part still counts); pooled = the paper's KNN over layer-2 features pooled to "
+        "pool_size×pool_size.",
+    )
+    top_k: int = Field(10, ge=1, description="patch mode: patches averaged into the severity.")
+    k: int = Field(20, ge=1, description="pooled mode: neighbours of the KNN.")
     num_bins: int = Field(10, ge=2)
     t_max: int = Field(80, ge=10)
     min_bin: int = Field(2, ge=1)
@@ -127,8 +134,41 @@ class ReconstructConfig(_Section):
 
 
 class MapConfig(_Section):
+    memory_weight: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Share of the patch-memory map in the fused map (1 = memory alone, 0 = the "
+        "reconstruction terms alone); each term is normalised on held-out normals first.",
+    )
     lam: float = Field(0.85, ge=0, le=1, description="Weight of the latent map vs feature map.")
     sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the final map (px).")
+
+
+class MemoryConfig(_Section):
+    """The patch memory (PatchCore-style): kept normal patches and their nearest-neighbour map."""
+
+    layers: tuple[int, ...] = Field(
+        (2, 3), description="Backbone blocks embedded per patch (stride 8 and 16), finest first."
+    )
+    neighbourhood: int = Field(3, ge=1, description="Each patch averages this × this around it.")
+    coreset_fraction: float = Field(
+        0.1, gt=0, le=1, description="Share of all training patches kept (greedy k-center)."
+    )
+    projection_dim: int | None = Field(
+        128, ge=8, description="Random projection the coreset is chosen in (None = full dim)."
+    )
+    matmul: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Precision of the coreset's distance matmuls (auto = bfloat16 where the "
+        "hardware runs it natively: AMX or a GPU).",
+    )
+    max_images: int | None = Field(
+        None,
+        ge=2,
+        description="Memory from at most this many training images (None = every training "
+        "image outside the validation split, even where the networks train on fewer).",
+    )
 
 
 class AdaptConfig(_Section):
@@ -142,7 +182,14 @@ class AdaptConfig(_Section):
 
 class CalibrationConfig(_Section):
     quantile: float = Field(
-        0.99, gt=0, lt=1, description="Threshold = this quantile of validation-normal scores."
+        0.99, gt=0, lt=1, description="Threshold = this quantile of normal calibration scores."
+    )
+    loo_images: int = Field(
+        200,
+        ge=0,
+        description="Training images scored leave-one-image-out against the patch memory (as a "
+        "new normal frame would be) that join the validation normals for the threshold and the "
+        "severity bins: a stable threshold even where the validation split holds 5 images.",
     )
 
 
@@ -227,7 +274,7 @@ class RuntimeConfig(_Section):
 
 class Settings(_Section):
     profile: str = "cpu"
-    method: Literal["d3ad", "diffusionad", "ran"] = "d3ad"
+    method: Literal["d3ad", "diffusionad", "ran", "knn"] = "d3ad"
     data: DataConfig = DataConfig()
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     unet: UNetConfig = UNetConfig()
@@ -235,6 +282,7 @@ class Settings(_Section):
     severity: SeverityConfig = SeverityConfig()
     reconstruct: ReconstructConfig = ReconstructConfig()
     anomaly_map: MapConfig = MapConfig()
+    memory: MemoryConfig = MemoryConfig()
     adapt: AdaptConfig = AdaptConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     diffusionad: DiffusionADConfig = DiffusionADConfig()

@@ -22,7 +22,7 @@ from edge_ad.config import Settings
 from edge_ad.d3ad.observer import FitObserver, HistoryObserver, ObserverGroup
 from edge_ad.data import load_dataset, load_images, load_masks, read_image, split_train_val
 from edge_ad.data.samples import Sample
-from edge_ad.detector import LatentDiffusionDetector, Prediction, finite_or_none
+from edge_ad.detector import Detector, Prediction, finite_or_none
 from edge_ad.errors import EdgeADError
 from edge_ad.methods import build_detector
 from edge_ad.paths import edge_home
@@ -40,20 +40,24 @@ def as_chw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def _subsample(samples: Sequence[Sample], limit: int | None, seed: int) -> tuple[Sample, ...]:
-    if limit is None or len(samples) <= limit:
-        return tuple(samples)
-    keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=limit, replace=False))
-    return tuple(samples[i] for i in keep)
+def _subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted positions of at most ``limit`` of ``n`` items (all of them without a limit)."""
+    if limit is None or n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
 @dataclass
 class TrainingData:
     """One product's normal images, split the same way wherever training runs."""
 
-    train_images: torch.Tensor  # uint8 (N, 3, H, W): generative models, φ adaptation, KNN
+    train_images: torch.Tensor  # uint8 (N, 3, H, W): generative models, φ adaptation
     val_images: torch.Tensor  # uint8 (M, 3, H, W): held-out normals, calibration only
     dataset_info: dict
+    # uint8 (K, 3, H, W), K ≥ N: fitted state (patch memory, KNN): every training image outside
+    # the validation split (or memory.max_images of them), even where the networks train on a
+    # capped subset: a memory only gains from more normal patches.
+    index_images: torch.Tensor
 
 
 def load_training_data(
@@ -68,16 +72,31 @@ def load_training_data(
     dataset = load_dataset(data_root, product, layout)
     d = settings.data
     train_samples, val_samples = split_train_val(dataset.train, d.val_fraction, d.seed)
-    train_samples = _subsample(train_samples, d.max_train_images, d.seed)
-    images = load_images((*train_samples, *val_samples), d.image_size, progress)
+    index_pos = _subsample(len(train_samples), settings.memory.max_images, d.seed)
+    train_pos = _subsample(len(train_samples), d.max_train_images, d.seed)
+    # Load each image once: the union of both subsets, then the validation images.
+    union = np.union1d(index_pos, train_pos)
+    images = load_images((*(train_samples[i] for i in union), *val_samples), d.image_size, progress)
+    loaded = as_chw(images[: len(union)])
+    where = {int(p): i for i, p in enumerate(union)}
     info = {
         "root": str(dataset.root),
         "layout": dataset.layout,
-        "n_train": len(train_samples),
+        "n_train": len(train_pos),
         "n_val": len(val_samples),
+        "n_index": len(index_pos),
     }
+
+    def subset(positions: np.ndarray) -> torch.Tensor:
+        if len(positions) == len(union):  # all of them: no copy
+            return loaded
+        return loaded[[where[int(p)] for p in positions]]
+
     return TrainingData(
-        as_chw(images[: len(train_samples)]), as_chw(images[len(train_samples) :]), info
+        train_images=subset(train_pos),
+        val_images=as_chw(images[len(union) :]),
+        dataset_info=info,
+        index_images=subset(index_pos),
     )
 
 
@@ -93,7 +112,7 @@ def check_output_dir(output: str | Path | None, product: str) -> Path:
 @dataclass
 class TrainResult:
     bundle_path: Path
-    detector: LatentDiffusionDetector
+    detector: Detector
     summary: dict[str, float]
     history: HistoryObserver
     n_train: int
@@ -116,7 +135,12 @@ def train_product(
     data = load_training_data(product, data_root, settings, layout, load_progress)
     history = HistoryObserver()
     detector = build_detector(settings)
-    summary = detector.fit(data.train_images, data.val_images, ObserverGroup(observer, history))
+    summary = detector.fit(
+        data.train_images,
+        data.val_images,
+        ObserverGroup(observer, history),
+        index_images=data.index_images,
+    )
     summary["train_minutes"] = (time.perf_counter() - start) / 60.0
     save_bundle(detector, path, product, metrics=summary, extra={"dataset": data.dataset_info})
     info = data.dataset_info
@@ -221,6 +245,10 @@ def _diagnostics(
         else None,
         "image_auroc_by_type": per_type,
         "timesteps": {"normal": histogram(labels == 0), "defect": histogram(labels == 1)},
+        "mean_timestep": {
+            "normal": float(t_hat[labels == 0].mean()) if (labels == 0).any() else None,
+            "defect": float(t_hat[labels == 1].mean()) if (labels == 1).any() else None,
+        },
         "ms_per_image_by_stage": {k: 1000.0 * v / n for k, v in timings.items()},
     }
 
@@ -255,17 +283,21 @@ def infer_images(
         t0 = time.perf_counter()
         pred = detector.predict(as_chw(np.stack(originals)), return_reconstruction=True)
         latency_ms = 1000.0 * (time.perf_counter() - t0) / len(chunk)
-        assert pred.reconstructions is not None
-        recon = (pred.reconstructions.permute(0, 2, 3, 1).add(1).mul(127.5)).clamp(0, 255)
-        recon_u8 = recon.round().to(torch.uint8).numpy()
+        recon_u8 = None
+        if pred.reconstructions is not None:  # methods without a reconstruction: 2 panels
+            recon = (pred.reconstructions.permute(0, 2, 3, 1).add(1).mul(127.5)).clamp(0, 255)
+            recon_u8 = recon.round().to(torch.uint8).numpy()
         for i, path in enumerate(chunk):
             name = names[start + i]
             amap = pred.maps[i].numpy()
             regions = defect_regions(amap, detector.threshold)
             overlay = heatmap_overlay(originals[i], amap, detector.threshold, regions)
-            Image.fromarray(side_by_side(originals[i], recon_u8[i], overlay)).save(
-                out / f"{name}.png"
+            panels = (
+                [originals[i], overlay]
+                if recon_u8 is None
+                else [originals[i], recon_u8[i], overlay]
             )
+            Image.fromarray(side_by_side(*panels)).save(out / f"{name}.png")
             verdict = {
                 "image": str(path),
                 "product": bundle.product,

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from edge_ad.bundle import detector_weights, load_detector_weights
 from edge_ad.d3ad.trainer import LoopState
-from edge_ad.detector import LatentDiffusionDetector
+from edge_ad.detector import Detector
 
 PROGRESS_FILE, WEIGHTS_FILE, LOOP_FILE = "progress.json", "weights.safetensors", "loop.pt"
 BUNDLE_DIR, REPORT_DIR = "bundle", "report"
@@ -63,7 +63,7 @@ class Resume:
 
 def write_checkpoint(
     folder: Path,
-    detector: LatentDiffusionDetector,
+    detector: Detector,
     stage: str,
     epoch: int,
     epochs: int,
@@ -78,7 +78,8 @@ def write_checkpoint(
         "stage": stage,
         "epoch": epoch,
         "epochs": epochs,
-        "scaling_factor": detector.codec.scaling_factor,
+        # Fitted values only (the latent scale): the architecture comes from the settings.
+        **{k: v for k, v in detector.extra_meta().items() if not k.endswith("_config")},
     }
     (folder / PROGRESS_FILE).write_text(json.dumps(progress))
     if loop is not None:
@@ -86,11 +87,11 @@ def write_checkpoint(
     return folder
 
 
-def read_checkpoint(folder: Path, detector: LatentDiffusionDetector) -> Resume:
+def read_checkpoint(folder: Path, detector: Detector) -> Resume:
     """Load the checkpoint's weights into ``detector``; return where training stands."""
     progress: dict[str, Any] = json.loads((folder / PROGRESS_FILE).read_text())
     load_detector_weights(detector, load_file(str(folder / WEIGHTS_FILE)))
-    detector.codec.scaling_factor = float(progress["scaling_factor"])
+    detector.restore_meta(progress)
     loop_file = folder / LOOP_FILE
     loop = torch.load(loop_file, weights_only=True) if loop_file.is_file() else None
     return Resume(progress["stage"], int(progress["epoch"]), int(progress["epochs"]), loop)

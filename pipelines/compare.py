@@ -6,7 +6,8 @@ whole machine and its timings are comparable. The train/validation split is the 
 one of ``data.seed`` and the evaluation is the held-back test split, identical for all. Runs are
 tracked (tag ``compare=<id>``) but NOT registered: a comparison must not move ``staging``.
 
-The result is one table (I-AUROC, P-AUROC, PRO, AP, s/img, train minutes) and a JSON report.
+The result is one table (I-AUROC, P-AUROC, PRO, AP, recall and FPR at the threshold, s/img,
+train minutes) and a JSON report.
 A method that fails is reported as such and the others still run.
 """
 
@@ -92,6 +93,9 @@ def compare_methods(
                 **{k: report.get(k) for k in METRICS if k != "train_minutes"},
                 "train_minutes": job.summary.get("train_minutes", job.wall_seconds / 60.0),
                 "f1_max": report.get("f1_max"),
+                "recall_at_threshold": report.get("recall_at_threshold"),
+                "false_positive_rate_at_threshold": report.get("false_positive_rate_at_threshold"),
+                "mean_timestep": report.get("mean_timestep"),
                 "image_auroc_by_type": report.get("image_auroc_by_type"),
                 # Where a method spends its s/img (each detector's own STAGES).
                 "ms_per_image_by_stage": report.get("ms_per_image_by_stage"),

@@ -313,23 +313,8 @@ def train_worker(config: dict[str, Any]) -> None:
         )
 
     summary: dict[str, float] = {}
-    if not (resume and resume.finished("autoencoder")):
-        ae = settings.autoencoder
-        summary |= detector.fit_autoencoder(
-            shard, observer, control("autoencoder", ae.epochs), seed_offset=rank
-        )
-    else:
-        detector.codec.vae.eval().requires_grad_(False)
-    detector.fit_scaling(data.train_images)
-    if not (resume and resume.finished("unet")):
-        summary |= detector.fit_unet(
-            detector.encode_images(shard),
-            observer,
-            control("unet", settings.unet.epochs),
-            seed_offset=rank,
-        )
-    else:
-        detector.unet.eval().requires_grad_(False)
+    if detector.generative:
+        summary |= _fit_generative(detector, data, shard, resume, observer, control, rank)
 
     # Rank 0 alone from here; the others wait at the matching reports. Their CPUs on rank 0's
     # node would idle, so rank 0 takes them (2 workers on a 2-core box: 2 threads, not 1).
@@ -347,8 +332,8 @@ def train_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder, final = None, {}
         if rank == 0:
-            detector.fit_index(data.train_images, observer)
-            summary |= detector.calibrate(data.val_images, observer)
+            detector.fit_index(data.index_images, observer)
+            summary |= detector.calibrate(data.val_images, observer, data.index_images)
             timing = {"train_minutes": (time.perf_counter() - start) / 60.0, "workers": world}
             summary |= timing
             if config.get("tracker") is not None:
@@ -356,6 +341,39 @@ def train_worker(config: dict[str, Any]) -> None:
             folder = write_checkpoint(Path(tmp), detector, "done", 0, 1)
             final = _finish(detector, folder, product, config, data.dataset_info, summary)
         _report({"stage": "done", **marker, **summary, **final}, folder, "done")
+
+
+def _fit_generative(
+    detector: Any,
+    data: Any,
+    shard: torch.Tensor,
+    resume: Resume | None,
+    observer: FitObserver,
+    control: Callable[[str, int], Any],
+    rank: int,
+) -> dict[str, float]:
+    """The data-parallel stages: autoencoder, latent scale, UNet (skipping what a checkpoint
+    says is finished)."""
+    settings = detector.settings
+    summary: dict[str, float] = {}
+    if not (resume and resume.finished("autoencoder")):
+        ae = settings.autoencoder
+        summary |= detector.fit_autoencoder(
+            shard, observer, control("autoencoder", ae.epochs), seed_offset=rank
+        )
+    else:
+        detector.codec.vae.eval().requires_grad_(False)
+    detector.fit_scaling(data.train_images)
+    if not (resume and resume.finished("unet")):
+        summary |= detector.fit_unet(
+            detector.encode_images(shard),
+            observer,
+            control("unet", settings.unet.epochs),
+            seed_offset=rank,
+        )
+    else:
+        detector.unet.eval().requires_grad_(False)
+    return summary
 
 
 def _finish(

@@ -29,7 +29,6 @@ batches on the GPU.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from edge_ad.errors import EdgeADError
+from edge_ad.maps import (
+    Size,
+    gaussian_blur,
+    gaussian_kernel1d,
+    image_score,
+    pooled_mean_std,
+    upsample,
+)
 
 __all__ = [
     "MapNormalizer",
@@ -48,22 +55,6 @@ __all__ = [
     "latent_distance",
     "pooled_mean_std",
 ]
-
-Size = int | tuple[int, int] | Sequence[int]
-
-
-def _hw(size: Size) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    h, w = (int(s) for s in size)
-    return (h, w)
-
-
-def _upsample(m: torch.Tensor, size: Size) -> torch.Tensor:
-    hw = _hw(size)
-    if tuple(m.shape[-2:]) == hw:
-        return m
-    return F.interpolate(m, size=hw, mode="bilinear", align_corners=False)
 
 
 def latent_distance(z0: torch.Tensor, z_hat: torch.Tensor, size: Size) -> torch.Tensor:
@@ -76,7 +67,7 @@ def latent_distance(z0: torch.Tensor, z_hat: torch.Tensor, size: Size) -> torch.
         raise ValueError(f"z0 {tuple(z0.shape)} and ẑ0 {tuple(z_hat.shape)} must match (N,C,h,w)")
     work = torch.promote_types(z0.dtype, torch.float32)
     dist = (z0.to(work) - z_hat.to(work)).abs().mean(dim=1, keepdim=True)
-    return _upsample(dist, size)
+    return upsample(dist, size)
 
 
 def feature_distance(
@@ -94,63 +85,10 @@ def feature_distance(
             raise ValueError(f"feature shapes differ: {tuple(fx.shape)} vs {tuple(fxh.shape)}")
         work = torch.promote_types(fx.dtype, torch.float32)
         d = 1.0 - F.cosine_similarity(fx.to(work), fxh.to(work), dim=1).unsqueeze(1)
-        d = _upsample(d, size)
+        d = upsample(d, size)
         total = d if total is None else total + d
     assert total is not None
     return total
-
-
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """scipy's 1-D Gaussian: radius int(truncate·σ + 0.5), exp(−x²/2σ²) normalized (float64)."""
-    radius = int(truncate * float(sigma) + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / float(sigma)) ** 2)
-    return k / k.sum()
-
-
-def _reflect_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
-    """Indices of a length-n axis padded by ``radius`` in scipy "reflect" mode (dcba|abcd|dcba)."""
-    i = torch.arange(-radius, n + radius, device=device)
-    j = torch.remainder(i, 2 * n)
-    return torch.where(j >= n, 2 * n - 1 - j, j)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, H, W) maps; equals scipy.ndimage.gaussian_filter
-    (sigma, truncate, mode="reflect") applied to each (H, W) plane. ``sigma <= 0``: identity."""
-    if sigma <= 0:
-        return x
-    if x.ndim != 4:
-        raise ValueError(f"maps must be (N, C, H, W), got shape {tuple(x.shape)}")
-    n, c, h, w = x.shape
-    work = torch.promote_types(x.dtype, torch.float32)
-    k = gaussian_kernel1d(sigma, truncate).to(device=x.device, dtype=work)
-    r = (k.numel() - 1) // 2
-    y = x.to(work).reshape(n * c, 1, h, w)
-    y = y.index_select(3, _reflect_index(w, r, x.device))
-    y = F.conv2d(y, k.view(1, 1, 1, -1))
-    y = y.index_select(2, _reflect_index(h, r, x.device))
-    y = F.conv2d(y, k.view(1, 1, -1, 1))
-    return y.reshape(n, c, h, w).to(x.dtype)
-
-
-def image_score(amap: torch.Tensor) -> torch.Tensor:
-    """Image anomaly score = max of the anomaly map over all pixels (and channels): (N,)."""
-    return amap.flatten(1).amax(dim=1)
-
-
-def pooled_mean_std(maps: torch.Tensor | Sequence[torch.Tensor]) -> tuple[float, float]:
-    """Mean and standard deviation of all pixels of one map tensor or a list of batches."""
-    parts = [maps] if isinstance(maps, torch.Tensor) else list(maps)
-    parts = [p.detach().to(torch.float64).reshape(-1) for p in parts]
-    count = sum(p.numel() for p in parts)
-    if count == 0:
-        raise EdgeADError("cannot fit the map normalizer: no validation maps were given")
-    if not all(bool(torch.isfinite(p).all()) for p in parts):
-        raise EdgeADError("validation anomaly maps contain NaN or infinite values")
-    mean = sum(float(p.sum()) for p in parts) / count
-    var = sum(float(((p - mean) ** 2).sum()) for p in parts) / count
-    return mean, math.sqrt(var)
 
 
 class MapNormalizer:

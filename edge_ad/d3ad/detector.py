@@ -1,19 +1,28 @@
 """The D3AD detector: one product's trained model, from a frame to a score and a heatmap.
 
-``D3AD`` is a plain ``nn.Module`` holding the four learned parts (autoencoder E/D, latent UNet
-ε_θ, feature backbone φ) and the fitted state (severity KNN + bins, map statistics, threshold).
-``predict`` follows the data flow of DESIGN.md:
+``D3AD`` is a plain ``nn.Module`` holding the learned parts (autoencoder E/D, latent UNet ε_θ,
+feature backbone φ) and the fitted state (patch memory, severity bins, map statistics,
+threshold). ``predict`` follows the data flow:
 
-    φ(x) once ─▶ DIC: KNN distance → bin → T̂ ─▶ z0 = E(x), ẑ0 = guided DDIM from √ᾱ_T̂·z0,
-    x̂ = D(ẑ0) ─▶ A = G_σ * (λ·norm(|z0 − ẑ0|) + (1−λ)·norm(Σ_j 1 − cos(φ_j(x), φ_j(x̂))))
+    φ(x) once ─▶ patch memory: each patch's distance to the nearest normal patch, d(x)
+    ─▶ DIC: severity (mean of the top-k patch distances, or the paper's pooled KNN) → bin → T̂
+    ─▶ z0 = E(x), ẑ0 = guided DDIM from √ᾱ_T̂·z0, x̂ = D(ẑ0)
+    ─▶ A = G_σ * (w·norm_m(d) + (1−w)·(λ·norm_l(|z0 − ẑ0|) + (1−λ)·norm_f(f))),
+       f = Σ_j 1 − cos(φ_j(x), φ_j(x̂))
     ─▶ score = max A, anomalous iff score ≥ threshold
+
+w = ``anomaly_map.memory_weight``; each term is normalised with the statistics of held-out
+normal images. With w = 0 and ``severity.mode=pooled`` this is the paper's D3AD exactly (the
+``paper`` profile keeps it reachable).
 
 Frames of different T̂ share one batch: the UNet takes per-sample timesteps and every frame
 takes the same number of DDIM steps, so nothing is split into T̂ groups.
 
 ``fit`` trains the stages in order on normal images only: autoencoder, UNet, domain adaptation
-of φ, KNN severity index (train split), calibration of the map statistics and threshold
-(held-out validation normals: never the test set, unlike the reference code).
+of φ, the patch memory (and, pooled mode, the KNN severity index) over every training image,
+then calibration on normal images the detector did not learn from: the held-out validation
+images, plus training images scored leave-one-image-out against the memory (never the test
+set, unlike the reference code).
 """
 
 from __future__ import annotations
@@ -29,7 +38,13 @@ from edge_ad.d3ad.adapt import adapt_backbone
 from edge_ad.d3ad.anomaly_map import MapNormalizer, feature_distance, latent_distance
 from edge_ad.d3ad.observer import FitObserver
 from edge_ad.d3ad.reconstruct import reconstruct_latents
-from edge_ad.d3ad.severity import SeverityIndex, pool_features, timesteps_for_bins
+from edge_ad.d3ad.severity import (
+    SeverityBins,
+    SeverityIndex,
+    patch_severity,
+    pool_features,
+    timesteps_for_bins,
+)
 from edge_ad.d3ad.trainer import to_model_range
 from edge_ad.detector import (
     LatentDiffusionDetector,
@@ -41,11 +56,12 @@ from edge_ad.detector import (
     strip_prefix,
 )
 from edge_ad.errors import EdgeADError
+from edge_ad.maps import gaussian_blur, pooled_mean_std, upsample
 from edge_ad.models.backbone import FeatureBackbone
 
 __all__ = ["D3AD", "STAGES", "Prediction", "resolve_device"]
 
-STAGES = ("features", "severity", "encode", "diffusion", "decode", "map")
+STAGES = ("features", "memory", "severity", "encode", "diffusion", "decode", "map")
 
 
 class D3AD(LatentDiffusionDetector):
@@ -60,15 +76,19 @@ class D3AD(LatentDiffusionDetector):
         vae: AutoencoderKL,
         unet: UNet2DModel,
         backbone: FeatureBackbone | None,
-        severity: SeverityIndex | None = None,
+        severity: SeverityIndex | SeverityBins | None = None,
         normalizer: MapNormalizer | None = None,
         threshold: float = math.nan,
     ) -> None:
         super().__init__(settings, vae, unet, backbone, threshold)
         if backbone is None:
             raise EdgeADError("D3AD needs a feature backbone")
-        self.severity = severity or SeverityIndex()
+        if severity is None:
+            severity = SeverityIndex() if settings.severity.mode == "pooled" else SeverityBins()
+        self.severity = severity
         self.normalizer = normalizer or MapNormalizer()
+        # (μ, σ) of the raw memory map over the validation normals' pixels (NaN: not fitted).
+        self.memory_stats = (math.nan, math.nan)
         layers = list(backbone.layers)
         if settings.backbone.severity_layer not in layers:
             raise EdgeADError(f"severity layer {settings.backbone.severity_layer} not in {layers}")
@@ -76,22 +96,43 @@ class D3AD(LatentDiffusionDetector):
         self._map_pos = [layers.index(j) for j in settings.backbone.map_layers]
 
     @classmethod
+    def wants_memory(cls, settings: Settings) -> bool:
+        return settings.severity.mode == "patch" or settings.anomaly_map.memory_weight > 0
+
+    @classmethod
     def backbone_layers(cls, settings: Settings) -> list[int]:
         b = settings.backbone
-        return sorted({b.severity_layer, *b.map_layers})
+        return sorted({b.severity_layer, *b.map_layers, *super().backbone_layers(settings)})
+
+    @property
+    def memory_weight(self) -> float:
+        return self.settings.anomaly_map.memory_weight if self.uses_memory else 0.0
 
     def _state_fitted(self) -> bool:
-        return self.severity.bin_edges is not None and self.normalizer.fitted
+        memory_ready = not self.memory_weight or math.isfinite(self.memory_stats[0])
+        return self.severity.bin_edges is not None and self.normalizer.fitted and memory_ready
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return add_prefix("severity", self.severity.state_dict()) | add_prefix(
-            "normalizer", self.normalizer.to_arrays()
-        )
+        state = super().state_tensors()
+        state |= add_prefix("severity", self.severity.state_dict())
+        state |= add_prefix("normalizer", self.normalizer.to_arrays())
+        if self.memory_weight:
+            state |= add_prefix("memory_norm", {"stats": np.asarray(self.memory_stats)})
+        return state
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        severity = strip_prefix("severity", state)
-        self.severity = SeverityIndex.from_state({k: v.numpy() for k, v in severity.items()})
+        super().load_state_tensors(state)
+        severity = {k: v.numpy() for k, v in strip_prefix("severity", state).items()}
+        if self.settings.severity.mode == "pooled":
+            self.severity = SeverityIndex.from_state(severity)
+        else:
+            self.severity = SeverityBins.from_state(severity)
         self.normalizer = MapNormalizer.from_arrays(strip_prefix("normalizer", state))
+        if self.memory_weight:
+            stats = strip_prefix("memory_norm", state).get("stats")
+            if stats is None or stats.numel() != 2 or not bool(stats[1] > 0):
+                raise EdgeADError("bundle state has no valid memory map statistics")
+            self.memory_stats = (float(stats[0]), float(stats[1]))
 
     def compared_features(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         return [feats[i] for i in self._map_pos]
@@ -122,24 +163,51 @@ class D3AD(LatentDiffusionDetector):
     def severity_vectors(self, feats: list[torch.Tensor]) -> np.ndarray:
         return pool_features(feats[self._severity_pos], self.settings.severity.pool_size)
 
-    def choose_timesteps(self, feats: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """DIC for a batch: (mean KNN distances ȳ0, T̂) from the frames' features."""
+    def severities(
+        self, feats: list[torch.Tensor], memory_distances: torch.Tensor | None
+    ) -> np.ndarray:
+        """Each frame's severity: the mean of its top-k patch-memory distances (patch mode) or
+        the mean L1 distance of its pooled layer-2 vector to its K nearest training vectors
+        (pooled mode, the paper's ȳ0)."""
         s = self.settings.severity
-        distances = self.severity.mean_knn_distance(self.severity_vectors(feats))
+        if s.mode == "patch":
+            assert memory_distances is not None
+            return patch_severity(memory_distances, s.top_k)
+        assert isinstance(self.severity, SeverityIndex)
+        return self.severity.mean_knn_distance(self.severity_vectors(feats))
+
+    def choose_timesteps(
+        self, feats: list[torch.Tensor], memory_distances: torch.Tensor | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """DIC for a batch: (severities, T̂) from the frames' features (and memory distances)."""
+        s = self.settings.severity
+        distances = self.severities(feats, memory_distances)
         bins = self.severity.bin_of(distances)
         return distances, timesteps_for_bins(bins, s.num_bins, s.t_max, s.min_bin, s.round_to)
 
     def raw_maps(
-        self, x: torch.Tensor, timings: dict[str, float] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, torch.Tensor]:
-        """(l_map, f_map, distances, T̂, x̂) before normalisation, for x in [-1, 1]."""
+        self,
+        x: torch.Tensor,
+        timings: dict[str, float] | None = None,
+        memory_distances: torch.Tensor | None = None,
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor | None, np.ndarray, np.ndarray, torch.Tensor
+    ]:
+        """(l_map, f_map, m_map, severities, T̂, x̂) before normalisation, for x in [-1, 1].
+
+        ``memory_distances`` (N, h, w) replaces the memory search (calibration passes the
+        leave-one-image-out distances of training images); m_map is None without a memory.
+        """
         assert self.backbone is not None
         timer = StageTimer(timings, self.device)
         size = tuple(x.shape[-2:])
         with timer("features"):
             feats = self.backbone(x)
+        with timer("memory"):
+            if self.uses_memory and memory_distances is None:
+                memory_distances = self.memory_distances(feats)
         with timer("severity"):
-            distances, t_hat = self.choose_timesteps(feats)
+            distances, t_hat = self.choose_timesteps(feats, memory_distances)
         with timer("encode"):
             z0 = self.codec.encode(x)
         with timer("diffusion"):
@@ -152,13 +220,28 @@ class D3AD(LatentDiffusionDetector):
             f_map = feature_distance(
                 self.compared_features(feats), self.compared_features(feats_hat), size
             )
-        return l_map, f_map, distances, t_hat, x_hat
+            m_map = None
+            if memory_distances is not None:
+                m_map = upsample(memory_distances[:, None].float().to(l_map.device), size)
+        return l_map, f_map, m_map, distances, t_hat, x_hat
+
+    def combine(
+        self, l_map: torch.Tensor, f_map: torch.Tensor, m_map: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The fused, blurred map (N, H, W) from the raw maps and the fitted statistics."""
+        m = self.settings.anomaly_map
+        w = self.memory_weight
+        amap = self.normalizer.combine(l_map, f_map, m.lam, sigma=0.0)
+        if w:
+            assert m_map is not None
+            mean, std = self.memory_stats
+            amap = w * (m_map - mean) / std + (1.0 - w) * amap
+        return gaussian_blur(amap, m.sigma)[:, 0]
 
     def score_batch(self, x: torch.Tensor, timings: dict[str, float] | None = None) -> Scored:
-        l_map, f_map, distances, t_hat, x_hat = self.raw_maps(x, timings)
+        l_map, f_map, m_map, distances, t_hat, x_hat = self.raw_maps(x, timings)
         with StageTimer(timings, self.device)("map"):
-            m = self.settings.anomaly_map
-            amap = self.normalizer.combine(l_map, f_map, m.lam, m.sigma)[:, 0]
+            amap = self.combine(l_map, f_map, m_map)
             scores = amap.flatten(1).amax(dim=1)
         return Scored(scores, amap, t_hat, x_hat, distances)
 
@@ -188,32 +271,64 @@ class D3AD(LatentDiffusionDetector):
 
     @torch.no_grad()
     def fit_index(self, train_images: torch.Tensor, observer: FitObserver | None = None) -> None:
-        """Stage 4, DIC: KNN index and bins over the training features (adapted φ)."""
+        """Stage 4: the patch memory (every training image) and, in pooled mode, DIC's KNN
+        index over the pooled layer-2 features (adapted φ)."""
         assert self.backbone is not None
         observer = observer or FitObserver()
+        super().fit_index(train_images, observer)
+        if self.settings.severity.mode != "pooled":
+            return
         observer.stage_start("knn", len(train_images))
         vectors = []
         for b in train_images.split(16):
             vectors.append(self.severity_vectors(self.backbone(to_model_range(b).to(self.device))))
             observer.advance("knn", len(b))
         s = self.settings.severity
+        assert isinstance(self.severity, SeverityIndex)
         self.severity.fit(np.concatenate(vectors), k=s.k, num_bins=s.num_bins)
         observer.stage_end("knn", {"knn_k": float(self.severity.k)})
 
-    def calibration_scores(self, val_images: torch.Tensor, observer: FitObserver) -> np.ndarray:
-        """Fit the map normalisation on the raw maps of the validation normals, then score them
-        with it (one reconstruction per image for both)."""
-        l_maps, f_maps = [], []
-        for b in val_images.split(8):
-            l_map, f_map, *_ = self.raw_maps(to_model_range(b).to(self.device))
-            l_maps.append(l_map.cpu())
-            f_maps.append(f_map.cpu())
+    def calibration_scores(
+        self,
+        val_images: torch.Tensor,
+        observer: FitObserver,
+        index_images: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        """Calibrate on normal images the detector did not learn from, in order:
+
+        1. memory distances of the validation images, and of training images leave-one-image-
+           out (patch mode: the severity bins are fitted over both);
+        2. raw maps of the validation images → the statistics each map is normalised with;
+        3. fused scores of the validation and leave-one-out images → (caller) the threshold.
+        """
+        assert self.backbone is not None
+        val_batches = list(val_images.split(8))
+        val_memory: list[torch.Tensor | None] = []
+        for b in val_batches:
+            feats = self.backbone(to_model_range(b).to(self.device))
+            val_memory.append(self.memory_distances(feats) if self.uses_memory else None)
+        loo_images, loo_memory = self.leave_out_distances(index_images, FitObserver())
+        if self.settings.severity.mode == "patch":
+            assert isinstance(self.severity, SeverityBins)
+            normal = [d for d in val_memory if d is not None]
+            normal += [loo_memory] if len(loo_memory) else []
+            s = self.settings.severity
+            self.severity.fit(patch_severity(torch.cat(normal), s.top_k), s.num_bins)
+
+        raw = []
+        for b, mem in zip(val_batches, val_memory, strict=True):
+            l_map, f_map, m_map, *_ = self.raw_maps(to_model_range(b).to(self.device), None, mem)
+            raw.append((l_map.cpu(), f_map.cpu(), None if m_map is None else m_map.cpu()))
             observer.advance("calibration", len(b))
-        self.normalizer.fit(l_maps, f_maps)
-        m = self.settings.anomaly_map
-        return torch.cat(
-            [
-                self.normalizer.combine(lm, fm, m.lam, m.sigma).flatten(1).amax(dim=1)
-                for lm, fm in zip(l_maps, f_maps, strict=True)
-            ]
-        ).numpy()
+        self.normalizer.fit([r[0] for r in raw], [r[1] for r in raw])
+        if self.memory_weight:
+            mean, std = pooled_mean_std([r[2] for r in raw if r[2] is not None])
+            self.memory_stats = (mean, std if std > MapNormalizer.MIN_STD else 1.0)
+
+        scores = [self.combine(*r).flatten(1).amax(dim=1) for r in raw]
+        for start in range(0, len(loo_images), 8):
+            b = to_model_range(loo_images[start : start + 8]).to(self.device)
+            maps = self.raw_maps(b, None, loo_memory[start : start + 8])
+            scores.append(self.combine(*maps[:3]).flatten(1).amax(dim=1).cpu())
+            observer.advance("calibration", len(b))
+        return torch.cat(scores).double().numpy()

@@ -1,5 +1,13 @@
 """Dynamic Implicit Conditioning (DIC): how far to push a frame into the diffusion chain.
 
+Two severity estimates, chosen by ``severity.mode``:
+
+* ``patch`` (default): the mean of the frame's ``top_k`` largest patch-memory distances
+  (:func:`patch_severity`), binned over the same value of NORMAL images the detector did not
+  learn from (:class:`SeverityBins`). One defective patch on a large part moves it, where a
+  pooled whole-frame vector barely changes.
+* ``pooled``: the paper's, below.
+
 Paper seeds/004 §4.1, Algorithm 2. A frame that looks far from every normal training image
 probably carries a large defect and needs a deeper start T̂ to be repaired; a frame that looks
 normal needs only a shallow one (which preserves detail). The severity estimate is the mean L1
@@ -46,10 +54,13 @@ import torch
 import torch.nn.functional as F
 
 from edge_ad.errors import EdgeADError
+from edge_ad.patch_memory import exact_index
 
 __all__ = [
+    "SeverityBins",
     "SeverityIndex",
     "bin_of_distances",
+    "patch_severity",
     "pool_features",
     "timestep_for_bin",
     "timesteps_for_bins",
@@ -168,30 +179,6 @@ def timesteps_for_distances(
 # --------------------------------------------------------------------------------------------
 
 
-def _build_faiss_index(vectors: np.ndarray) -> tuple[Any, Any]:
-    """Exact L1 index over ``vectors``; on a GPU when faiss has one, else on the CPU.
-
-    Returns (index, gpu_resources); the resources (None on the CPU) must outlive the index.
-    faiss-cpu builds have no ``StandardGpuResources``; a GPU build without L1 support or out
-    of memory raises, and we fall back to the CPU index.
-    """
-    import faiss  # local import: only the severity stage needs it
-
-    dim = int(vectors.shape[1])
-    num_gpus = getattr(faiss, "get_num_gpus", lambda: 0)()
-    if num_gpus > 0 and hasattr(faiss, "StandardGpuResources"):
-        try:
-            resources = faiss.StandardGpuResources()
-            gpu_index = faiss.index_cpu_to_gpu(resources, 0, faiss.IndexFlat(dim, faiss.METRIC_L1))
-            gpu_index.add(vectors)
-            return gpu_index, resources
-        except Exception:  # any GPU failure (no L1 support, out of memory): use the CPU
-            pass
-    index = faiss.IndexFlat(dim, faiss.METRIC_L1)
-    index.add(vectors)
-    return index, None
-
-
 def _as_vectors(vectors: np.ndarray | torch.Tensor, dim: int | None = None) -> np.ndarray:
     if isinstance(vectors, torch.Tensor):
         vectors = vectors.detach().cpu().numpy()
@@ -250,7 +237,7 @@ class SeverityIndex:
         if k < 1 or num_bins < 1:
             raise ValueError("k and num_bins must be positive")
         k_eff = min(int(k), n - 1)
-        index, self._gpu_resources = _build_faiss_index(vectors)
+        index, self._gpu_resources = exact_index(vectors, metric="l1")
 
         # Query K+1 so that K neighbours remain after removing the sample itself.
         dist, idx = index.search(vectors, k_eff + 1)
@@ -355,5 +342,68 @@ class SeverityIndex:
         out.histogram = histogram.astype(np.int64)
         out.k = k
         out.num_bins = num_bins
-        out._index, out._gpu_resources = _build_faiss_index(vectors)
+        out._index, out._gpu_resources = exact_index(vectors, metric="l1")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Patch mode: severity from the patch memory's distances, bins over held-out normals
+# --------------------------------------------------------------------------------------------
+
+
+def patch_severity(distances: torch.Tensor, top_k: int = 10) -> np.ndarray:
+    """Mean of the ``top_k`` largest patch distances of each frame: (N, h, w) → (N,) float64."""
+    flat = distances.flatten(1).double()
+    return flat.topk(min(int(top_k), flat.shape[1]), dim=1).values.mean(dim=1).cpu().numpy()
+
+
+class SeverityBins:
+    """|B| equal-width bins over the severities of normal images the detector did not learn
+    from (validation images and leave-one-image-out training images), as :class:`SeverityIndex`
+    bins its train distances; beyond the normal maximum → the deepest bin.
+
+    State: ``bin_edges`` (|B|+1,), ``train_distances`` (the normal severities, for the
+    histogram shown to users), ``histogram`` (|B|,).
+    """
+
+    def __init__(self) -> None:
+        self.bin_edges: np.ndarray | None = None
+        self.train_distances: np.ndarray | None = None
+        self.histogram: np.ndarray | None = None
+
+    def fit(self, normal_severities: np.ndarray, num_bins: int = 10) -> SeverityBins:
+        values = np.asarray(normal_severities, dtype=np.float64).reshape(-1)
+        if values.size < 1 or not np.all(np.isfinite(values)):
+            raise EdgeADError("severity bins need finite severities of at least one normal image")
+        histogram, edges = np.histogram(values, bins=int(num_bins))
+        self.bin_edges, self.train_distances = edges.astype(np.float64), values
+        self.histogram = histogram.astype(np.int64)
+        return self
+
+    def bin_of(self, distances: np.ndarray | Sequence[float]) -> np.ndarray:
+        if self.bin_edges is None:
+            raise EdgeADError("severity bins are not fitted")
+        return bin_of_distances(distances, self.bin_edges)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        if self.bin_edges is None or self.train_distances is None or self.histogram is None:
+            raise EdgeADError("severity bins are not fitted")
+        return {
+            "bin_edges": self.bin_edges,
+            "train_distances": self.train_distances,
+            "histogram": self.histogram,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> SeverityBins:
+        try:
+            edges = np.asarray(state["bin_edges"], dtype=np.float64).reshape(-1)
+            values = np.asarray(state["train_distances"], dtype=np.float64).reshape(-1)
+        except KeyError as exc:
+            raise EdgeADError(f"severity state is missing {exc.args[0]!r}") from None
+        if edges.size < 2 or not np.all(np.diff(edges) > 0):
+            raise EdgeADError("severity state has no increasing bin edges")
+        out = cls()
+        out.bin_edges, out.train_distances = edges, values
+        out.histogram = np.histogram(values, bins=edges)[0].astype(np.int64)
         return out

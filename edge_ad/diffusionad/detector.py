@@ -32,7 +32,6 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import nn
 
 from edge_ad.config import Settings
-from edge_ad.d3ad.anomaly_map import gaussian_blur
 from edge_ad.d3ad.observer import FitObserver
 from edge_ad.d3ad.trainer import steps_per_epoch, to_model_range
 from edge_ad.detector import LatentDiffusionDetector, Scored, StageTimer, top_k_mean
@@ -40,6 +39,7 @@ from edge_ad.diffusionad.one_step import norm_guided_x0
 from edge_ad.diffusionad.segmentation import SegmentationNet, mask_loss
 from edge_ad.diffusionad.synthesis import synthesize_anomaly
 from edge_ad.errors import EdgeADError
+from edge_ad.maps import gaussian_blur
 from edge_ad.models.backbone import FeatureBackbone
 
 STAGES = ("encode", "diffusion", "decode", "segment")

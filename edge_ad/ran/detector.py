@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DModel
 
 from edge_ad.config import Settings
-from edge_ad.d3ad.anomaly_map import gaussian_blur, image_score, pooled_mean_std
 from edge_ad.d3ad.observer import FitObserver
 from edge_ad.d3ad.trainer import to_model_range
 from edge_ad.detector import (
@@ -37,6 +36,7 @@ from edge_ad.detector import (
     strip_prefix,
 )
 from edge_ad.errors import EdgeADError
+from edge_ad.maps import gaussian_blur, image_score, pooled_mean_std
 from edge_ad.models.backbone import FeatureBackbone
 from edge_ad.ran.gradient_denoise import gradient_denoise
 from edge_ad.ran.kl_score import kl_map
@@ -186,7 +186,12 @@ class RAN(LatentDiffusionDetector):
         self.padim.fit(grids(), index, r.padim_eps)
         observer.stage_end("padim", {"padim_dims": float(len(index))})
 
-    def calibration_scores(self, val_images: torch.Tensor, observer: FitObserver) -> np.ndarray:
+    def calibration_scores(
+        self,
+        val_images: torch.Tensor,
+        observer: FitObserver,
+        index_images: torch.Tensor | None = None,
+    ) -> np.ndarray:
         """Fit (mean, std) of each raw map on the validation normals, then score them."""
         raw = []
         for b in val_images.split(8):

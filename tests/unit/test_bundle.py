@@ -42,10 +42,12 @@ def fitted() -> tuple[D3AD, HistoryObserver]:
 
 def test_fit_runs_every_stage_and_calibrates(fitted: tuple[D3AD, HistoryObserver]) -> None:
     detector, history = fitted
-    assert set(history.stages) == {"autoencoder", "unet", "adaptation", "knn", "calibration"}
+    # Patch-mode severity (the default): the memory replaces the pooled KNN index.
+    assert set(history.stages) == {"autoencoder", "unet", "adaptation", "memory", "calibration"}
     assert len(history.epochs["autoencoder"]) == 2 and len(history.epochs["unet"]) == 2
     assert detector.is_fitted and np.isfinite(detector.threshold)
-    # The threshold is the calibration quantile of validation-normal scores: at most their max.
+    # The threshold is the calibration quantile of normal scores (validation + leave-one-out
+    # training images): at most their max.
     assert detector.threshold <= history.stages["calibration"]["val_score_max"] + 1e-6
 
 
