@@ -213,6 +213,7 @@ def train(
             f"{settings.data.image_size}px, "
             f"{settings.runtime.workers} worker(s)"
         )
+        console.print(f"  {_split_summary(dataset, settings)}", highlight=False)
         out = output / name if output is not None and len(names) > 1 else output
         requests.append(TrainRequest(name, str(root), dataset.layout, str(out) if out else None))
     with make_progress() as progress:
@@ -225,11 +226,20 @@ def train(
         )
         results = train_products(requests, settings, opts)
     table = Table(title="trained")
-    for column in ("product", "version", "I-AUROC", "PRO", "threshold", "min", "bundle"):
+    columns = ("product", "version", "I-AUROC", "PRO", "recall", "FPR", "threshold", "min")
+    for column in (*columns, "bundle"):
         table.add_column(column, justify="left" if column in ("product", "bundle") else "right")
     for r in results:
         rep = r.report or {}
-        cells = [rep.get("image_auroc"), rep.get("pro")]
+        cells = [
+            rep.get(k)
+            for k in (
+                "image_auroc",
+                "pro",
+                "recall_at_threshold",
+                "false_positive_rate_at_threshold",
+            )
+        ]
         table.add_row(
             r.product,
             str(r.model_version) if r.model_version is not None else "-",
@@ -249,6 +259,25 @@ def train(
                 f"MLflow run {r.mlflow_run_id})"
             )
             console.print(f"next: edge-ad promote -p {r.product} --version {r.model_version}")
+
+
+def _split_summary(dataset: Any, settings: Any) -> str:
+    """What training will use of the normal images, said before minutes of work."""
+    from edge_ad.data import split_train_val
+    from edge_ad.methods import detector_class
+
+    d = settings.data
+    train, val = split_train_val(dataset.train, d.val_fraction, d.seed)
+    cls = detector_class(settings.method)
+    parts = []
+    if cls.generative:
+        n_net = len(train) if d.max_train_images is None else min(len(train), d.max_train_images)
+        parts.append(f"networks train on {n_net}")
+    if cls.wants_memory(settings):
+        cap = settings.memory.max_images
+        parts.append(f"patch memory of {len(train) if cap is None else min(len(train), cap)}")
+    parts.append(f"{len(val)} held out to calibrate the threshold")
+    return "; ".join(parts)
 
 
 @app.command(

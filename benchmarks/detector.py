@@ -5,9 +5,12 @@
     python benchmarks/detector.py --model DIR         # a trained bundle (e.g. the cpu profile)
 
 Stages are the method's own (``STAGES`` of its detector class); for D3AD: features (φ(x)),
-severity (KNN + bins), encode (E), diffusion (10 guided DDIM steps), decode (D), map (φ(x̂),
+memory (the patch memory's nearest-neighbour search), severity (top-k patch distances or the
+pooled KNN, + bins), encode (E), diffusion (10 guided DDIM steps), decode (D), map (φ(x̂),
 distances, normalisation, blur); DiffusionAD: encode, diffusion (2 ε_θ evaluations), decode,
-segment; RAN: encode, kl, reconstruct (gradient denoising), decode, features. One burn-in
+segment; RAN: encode, kl, reconstruct (gradient denoising), decode, features; knn: features, memory,
+map. For a model with a patch memory the JSON also says how many patches it keeps and how long
+its coreset took to choose at training time. One burn-in
 batch per size, then ``--repeats`` timed batches (CUDA synchronised). The last line printed
 is one JSON object: {"batch": [...], "images_per_s": [...], "ms_per_image_by_stage":
 {stage: ms}, "method": ..., ...}.
@@ -89,6 +92,10 @@ def main() -> None:
         "device": str(detector.device),
         "threads": torch.get_num_threads(),
     }
+    memory = getattr(detector, "memory", None)
+    if memory is not None:
+        result["memory_patches"] = len(memory.bank)
+        result["coreset_seconds"] = round(memory.coreset_seconds, 3)
     print(json.dumps(result))
 
 

@@ -384,8 +384,11 @@ _PROFILE_OVERRIDES: dict[str, dict[str, Any]] = {
         "severity": {"pool_size": 4},
         "adapt": {"epochs": 1},
     },
-    # The paper's settings (seeds/004 §A.1): pretrained SD VAE, ResNet-34, 300 UNet epochs.
+    # The D3AD paper's settings (§A.1): pretrained SD VAE, ResNet-34, 300 UNet epochs, and its
+    # own severity (pooled layer-2 KNN) and map (latent + feature terms, no patch memory).
     "paper": {
+        "severity": {"mode": "pooled"},
+        "anomaly_map": {"memory_weight": 0.0},
         "autoencoder": {"pretrained": "stabilityai/sd-vae-ft-mse", "epochs": 0},
         "unet": {"block_out_channels": (224, 448, 672, 896), "epochs": 300, "batch_size": 32},
         "backbone": {"name": "resnet34"},
