@@ -305,10 +305,12 @@ class Detector(nn.Module):
             return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0)
         ids = leave_out_ids(len(index_images), self.settings.calibration.loo_images)
         dists = []
-        for i in ids:
-            feats = self.backbone(to_model_range(index_images[i : i + 1]).to(self.device))
-            dists.append(self.memory.distances_excluding(self.memory_embedding(feats), int(i)))
-            observer.advance("calibration", 1)
+        for start in range(0, len(ids), 8):
+            chunk = ids[start : start + 8]
+            x = to_model_range(index_images[torch.from_numpy(chunk)]).to(self.device)
+            embedding = self.memory_embedding(self.backbone(x))
+            dists.append(self.memory.distances_excluding(embedding, chunk.tolist()))
+            observer.advance("calibration", len(chunk))
         if not dists:
             return index_images[:0], torch.zeros(0)
         return index_images[torch.from_numpy(ids)], torch.cat(dists)

@@ -318,28 +318,39 @@ class PatchMemory:
         sq, _ = self._index.search(q, 1)
         return torch.from_numpy(np.sqrt(np.maximum(sq[:, 0], 0.0))).reshape(shape)
 
-    def distances_excluding(self, embedding: torch.Tensor, image: int) -> torch.Tensor:
-        """:meth:`distances` for one training image (1, D, h, w) against the memory without
-        the patches that image contributed (leave-one-image-out)."""
-        import faiss
+    def distances_excluding(self, embedding: torch.Tensor, images: Sequence[int]) -> torch.Tensor:
+        """:meth:`distances` for training images (N, D, h, w), image i against the memory
+        without the patches image ``images[i]`` contributed (leave-one-image-out).
 
+        Exact and fast: a plain (BLAS) search for the k nearest kept patches, taking the first
+        that is not the image's own; only patches whose k nearest are all their own search
+        deeper, and the rare rest with a faiss ID selector (which scans without BLAS).
+        """
         q, shape = self._queries(embedding)
-        lo = int(torch.searchsorted(self.image_of, image, right=False))
-        hi = int(torch.searchsorted(self.image_of, image, right=True))
-        if hi - lo >= len(self.image_of):
+        if len(images) != shape[0]:
+            raise ValueError(f"{len(images)} image ids for {shape[0]} embeddings")
+        per_image = shape[1] * shape[2]
+        owner = torch.as_tensor(list(images), dtype=torch.int64).repeat_interleave(per_image)
+        lo = torch.searchsorted(self.image_of, owner, right=False).numpy()
+        hi = torch.searchsorted(self.image_of, owner, right=True).numpy()
+        if np.any(hi - lo >= len(self.image_of)):
             raise EdgeADError("cannot leave out the only image in the patch memory")
-        if hi == lo or self._gpu_resources is not None:
-            # Nothing of it was kept (or a GPU index, which takes no selector): plain search,
-            # masking its own rows by searching a little deeper.
-            k = min(hi - lo + 1, len(self.image_of))
-            sq, idx = self._index.search(q, k)
-            own = (idx >= lo) & (idx < hi)
-            sq = np.where(own, np.inf, sq).min(axis=1)
-        else:
-            selector = faiss.IDSelectorNot(faiss.IDSelectorRange(lo, hi))
-            sq, _ = self._index.search(q, 1, params=faiss.SearchParameters(sel=selector))
-            sq = sq[:, 0]
-        return torch.from_numpy(np.sqrt(np.maximum(sq, 0.0))).reshape(shape)
+        best = np.full(len(q), np.inf, dtype=np.float64)
+        pending = np.arange(len(q))
+        for k in (1, 16, 256):
+            if not len(pending):
+                break
+            k = min(k, len(self.image_of))
+            sq, idx = self._index.search(q[pending], k)
+            own = (idx >= lo[pending, None]) & (idx < hi[pending, None])
+            nearest = np.where(own, np.inf, sq).min(axis=1)
+            found = np.isfinite(nearest)
+            best[pending[found]] = nearest[found]
+            pending = pending[~found]
+        for i in pending:  # every one of 256 neighbours is the image's own: scan the rest
+            rest = np.concatenate([self._array[: lo[i]], self._array[hi[i] :]])
+            best[i] = float(((rest - q[i]) ** 2).sum(axis=1).min())
+        return torch.from_numpy(np.sqrt(np.maximum(best, 0.0))).reshape(shape)
 
     # ---- state ----------------------------------------------------------------------------
 

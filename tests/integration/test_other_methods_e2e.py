@@ -1,4 +1,4 @@
-"""DiffusionAD and RAN end to end, as a user runs them: `edge-ad train --method M` (a Ray Train
+"""DiffusionAD, RAN and knn end to end, as a user runs them: `edge-ad train --method M` (a Ray Train
 job, tracked and registered in MLflow) → `edge-ad eval` / `infer` from the registry → serving
 (the MLflow pyfunc and Serve's frame scorer for RAN; the real Kafka + Ray Serve line for
 DiffusionAD)."""
@@ -103,6 +103,54 @@ def test_ran_train_eval_infer_and_serving_paths(run_cli: RunCli, tmp_path: Path)
     assert list(rows["score"]) == pytest.approx([s.score for s in scored], rel=1e-5)
 
 
+def test_knn_train_eval_infer_and_serving_paths(run_cli: RunCli, tmp_path: Path) -> None:
+    """The patch memory alone as a method: no generative stages, a two-panel overlay, and the
+    same score from infer, Serve's frame scorer and the MLflow pyfunc."""
+    import mlflow
+    from PIL import Image
+
+    from edge_ad.engine import resolve_model
+    from edge_ad.stream.scoring import encode_image, score_frames
+
+    product = "knn-board"
+    run = _train_and_eval(run_cli, tmp_path, product, "knn")
+    report = run["report"]
+    # A memory of 36 generated boards separates their defects well; recall and FPR at the
+    # threshold are reported beside the AUROCs.
+    assert report["image_auroc"] >= 0.8, report
+    assert 0.0 <= report["recall_at_threshold"] <= 1.0
+    assert 0.0 <= report["false_positive_rate_at_threshold"] <= 1.0
+    assert set(report["ms_per_image_by_stage"]) == {"features", "memory", "map"}
+    images = [
+        run["data"] / product / "test" / "good" / "000.png",
+        run["data"] / product / "test" / "stain" / "000.png",
+    ]
+    out = tmp_path / "out"
+    _ok(run_cli("infer", "--model", f"models:/edge-ad-{product}@staging", *map(str, images),
+                "--out", str(out)))  # fmt: skip
+    verdicts = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert [v["method"] for v in verdicts] == ["knn", "knn"]
+    for v in verdicts:
+        assert v["timestep"] == 0 and v["severity_distance"] is None
+        overlay = Image.open(v["overlay"])
+        assert overlay.size == (64 * 2 + 4, 64)  # input | heatmap: no reconstruction panel
+    bundle = resolve_model(f"models:/edge-ad-{product}@staging", device="cpu")
+    assert set(bundle.meta) >= {"threshold", "settings"} and "vae_config" not in bundle.meta
+    frames = [encode_image(np.asarray(Image.open(p).convert("RGB"))) for p in images]
+    scored = score_frames(bundle.detector, frames)
+    by_name = {Path(v["image"]).parent.name: v["score"] for v in verdicts}
+    assert [s.score for s in scored] == pytest.approx([by_name["good"], by_name["stain"]])
+    mlflow.set_tracking_uri(registry.tracking_uri())
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/edge-ad-{product}@staging")
+        import pandas as pd
+
+        rows = model.predict(pd.DataFrame({"image": frames}))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert list(rows["score"]) == pytest.approx([s.score for s in scored], rel=1e-5)
+
+
 def test_diffusionad_train_eval_and_stream(
     run_cli: RunCli, tmp_path: Path, edge_home: Path
 ) -> None:
@@ -144,13 +192,13 @@ def test_compare_trains_each_method_on_one_split_without_registering(
     fast = ["autoencoder.epochs=1", "unet.epochs=2", "adapt.epochs=0", "diffusionad.seg_epochs=1"]
     report_file = tmp_path / "cmp.json"
     result = _ok(run_cli("compare", "-p", "cmp-board", "--data-root", str(data), "--profile",
-                         "tiny", "--methods", "d3ad,diffusionad", "--report", str(report_file),
+                         "tiny", "--methods", "d3ad,diffusionad,knn", "--report", str(report_file),
                          "--output", str(tmp_path / "models"),
                          *[a for s in fast for a in ("--set", s)]))  # fmt: skip
-    for column in ("I-AUROC", "P-AUROC", "PRO", "AP", "s/img", "train min"):
+    for column in ("I-AUROC", "P-AUROC", "PRO", "AP", "recall", "FPR", "s/img", "train min"):
         assert column in result.stdout
     report = json.loads(report_file.read_text())
-    assert list(report["methods"]) == ["d3ad", "diffusionad"]
+    assert list(report["methods"]) == ["d3ad", "diffusionad", "knn"]
     assert report["split"] == {"train_images": 22, "val_images": 2, "test_images": 6 + 5 * 2}
     for method, row in report["methods"].items():
         assert row["method"] == method  # the evaluated bundle is the method's own
@@ -158,6 +206,7 @@ def test_compare_trains_each_method_on_one_split_without_registering(
         for key in METRICS:
             assert 0.0 <= row[key] <= 1.0, (method, key, row)
         assert row["seconds_per_image"] > 0 and row["train_minutes"] > 0
+        assert 0.0 <= row["false_positive_rate_at_threshold"] <= 1.0
         # Where the time goes, in the method's own stages.
         stages = row["ms_per_image_by_stage"]
         assert set(stages) == set(detector_class(method).STAGES), (method, stages)

@@ -84,14 +84,30 @@ def test_leave_one_image_out_ignores_the_images_own_patches() -> None:
     train = _embeddings(6, 4)
     memory = PatchMemory.fit(train, fraction=1.0)  # every patch kept: distances are exact
     assert torch.all(memory.distances(train) < 1e-3)  # each patch finds itself
-    for image in (0, 3, 5):
-        got = memory.distances_excluding(train[image : image + 1], image)[0]
+    together = memory.distances_excluding(train[[0, 3, 5]], [0, 3, 5])
+    for row, image in enumerate((0, 3, 5)):
+        got = together[row]
         own = train[image].permute(1, 2, 0).reshape(-1, 8)
         others = torch.cat([train[i] for i in range(6) if i != image], dim=1)
         others = others.permute(1, 2, 0).reshape(-1, 8)
         want = torch.cdist(own.double(), others.double()).min(dim=1).values.reshape(4, 4)
         assert torch.allclose(got.double(), want, atol=1e-3)
         assert float(got.min()) > 0
+
+
+def test_leave_one_out_finds_other_images_behind_hundreds_of_own_patches() -> None:
+    # Each image is its own tight cluster, far from the others: every one of a patch's 256
+    # nearest kept patches is its own, so the search must look past all of them.
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(3, 4, 20, 20, generator=g) * 0.01
+    train += torch.arange(3).float().view(3, 1, 1, 1) * 10.0
+    memory = PatchMemory.fit(train, fraction=1.0)
+    got = memory.distances_excluding(train[[1]], [1])[0]
+    mine = train[1].permute(1, 2, 0).reshape(-1, 4).double()
+    others = torch.cat([train[0], train[2]], dim=1).permute(1, 2, 0).reshape(-1, 4).double()
+    want = torch.cdist(mine, others).min(dim=1).values.reshape(20, 20)
+    assert torch.allclose(got.double(), want, rtol=1e-4)
+    assert float(got.min()) > 15  # the nearest other image is ~20 away (2·10 per axis)
 
 
 def test_memory_state_round_trips_and_rejects_bad_state() -> None:
