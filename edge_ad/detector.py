@@ -315,7 +315,7 @@ class Detector(nn.Module):
             return index_images[:0], torch.zeros(0)
         return index_images[torch.from_numpy(ids)], torch.cat(dists)
 
-    def calibration_count(self, val_images: torch.Tensor, index_images: torch.Tensor | None):
+    def calibration_count(self, val_images: torch.Tensor, index_images: torch.Tensor | None) -> int:
         """How many images calibration scores (for its progress bar)."""
         extra = 0
         if self.uses_memory and index_images is not None:

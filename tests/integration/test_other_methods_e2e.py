@@ -60,57 +60,58 @@ def _train_and_eval(run_cli: RunCli, tmp_path: Path, product: str, method: str, 
     return {"data": data, "report": report}
 
 
-def test_ran_train_eval_infer_and_serving_paths(run_cli: RunCli, tmp_path: Path) -> None:
+def _infer_then_serve(
+    run_cli: RunCli, tmp_path: Path, product: str, data: Path, defect: str
+) -> tuple[list[dict], list]:
+    """``edge-ad infer`` on a good and a ``defect`` test image from the registry, then check
+    that Serve's frame scorer and the MLflow pyfunc score exactly what infer scored."""
     import mlflow
+    import pandas as pd
+    from PIL import Image
 
     from edge_ad.engine import resolve_model
     from edge_ad.stream.scoring import encode_image, score_frames
 
-    product = "ran-board"
-    run = _train_and_eval(run_cli, tmp_path, product, "ran")
-    images = [
-        run["data"] / product / "test" / "good" / "000.png",
-        run["data"] / product / "test" / "missing_part" / "000.png",
-    ]
+    images = [data / product / "test" / t / "000.png" for t in ("good", defect)]
     out = tmp_path / "out"
     _ok(run_cli("infer", "--model", f"models:/edge-ad-{product}@staging", *map(str, images),
                 "--out", str(out)))  # fmt: skip
     verdicts = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     assert len(verdicts) == 2
     for v in verdicts:
-        assert v["method"] == "ran" and v["severity_distance"] is None  # valid JSON, no NaN
-        assert v["timestep"] == 100 and Path(v["overlay"]).is_file()
+        assert v["severity_distance"] is None  # valid JSON, no NaN
+        assert Path(v["overlay"]).is_file()
         assert v["is_anomalous"] == (v["score"] >= v["threshold"])
-
-    # What Serve's scorer runs, and the MLflow pyfunc, score exactly what infer scored.
     bundle = resolve_model(f"models:/edge-ad-{product}@staging", device="cpu")
-    from PIL import Image
-
     frames = [encode_image(np.asarray(Image.open(p).convert("RGB"))) for p in images]
     scored = score_frames(bundle.detector, frames)
     by_name = {Path(v["image"]).parent.name: v["score"] for v in verdicts}
-    assert [s.score for s in scored] == pytest.approx([by_name["good"], by_name["missing_part"]])
+    assert [s.score for s in scored] == pytest.approx([by_name["good"], by_name[defect]])
     assert all(s.severity_distance is None for s in scored)
-    uri = registry.tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(registry.tracking_uri())
     try:
         model = mlflow.pyfunc.load_model(f"models:/edge-ad-{product}@staging")
-        import pandas as pd
-
         rows = model.predict(pd.DataFrame({"image": frames}))
     finally:
         mlflow.set_tracking_uri(None)
     assert list(rows["score"]) == pytest.approx([s.score for s in scored], rel=1e-5)
+    return verdicts, scored
+
+
+def test_ran_train_eval_infer_and_serving_paths(run_cli: RunCli, tmp_path: Path) -> None:
+    product = "ran-board"
+    run = _train_and_eval(run_cli, tmp_path, product, "ran")
+    verdicts, _ = _infer_then_serve(run_cli, tmp_path, product, run["data"], "missing_part")
+    for v in verdicts:
+        assert v["method"] == "ran" and v["timestep"] == 100
 
 
 def test_knn_train_eval_infer_and_serving_paths(run_cli: RunCli, tmp_path: Path) -> None:
     """The patch memory alone as a method: no generative stages, a two-panel overlay, and the
     same score from infer, Serve's frame scorer and the MLflow pyfunc."""
-    import mlflow
     from PIL import Image
 
     from edge_ad.engine import resolve_model
-    from edge_ad.stream.scoring import encode_image, score_frames
 
     product = "knn-board"
     run = _train_and_eval(run_cli, tmp_path, product, "knn")
@@ -121,34 +122,12 @@ def test_knn_train_eval_infer_and_serving_paths(run_cli: RunCli, tmp_path: Path)
     assert 0.0 <= report["recall_at_threshold"] <= 1.0
     assert 0.0 <= report["false_positive_rate_at_threshold"] <= 1.0
     assert set(report["ms_per_image_by_stage"]) == {"features", "memory", "map"}
-    images = [
-        run["data"] / product / "test" / "good" / "000.png",
-        run["data"] / product / "test" / "stain" / "000.png",
-    ]
-    out = tmp_path / "out"
-    _ok(run_cli("infer", "--model", f"models:/edge-ad-{product}@staging", *map(str, images),
-                "--out", str(out)))  # fmt: skip
-    verdicts = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-    assert [v["method"] for v in verdicts] == ["knn", "knn"]
+    verdicts, _ = _infer_then_serve(run_cli, tmp_path, product, run["data"], "stain")
     for v in verdicts:
-        assert v["timestep"] == 0 and v["severity_distance"] is None
-        overlay = Image.open(v["overlay"])
-        assert overlay.size == (64 * 2 + 4, 64)  # input | heatmap: no reconstruction panel
+        assert v["method"] == "knn" and v["timestep"] == 0
+        assert Image.open(v["overlay"]).size == (64 * 2 + 4, 64)  # input | heatmap, no x̂
     bundle = resolve_model(f"models:/edge-ad-{product}@staging", device="cpu")
-    assert set(bundle.meta) >= {"threshold", "settings"} and "vae_config" not in bundle.meta
-    frames = [encode_image(np.asarray(Image.open(p).convert("RGB"))) for p in images]
-    scored = score_frames(bundle.detector, frames)
-    by_name = {Path(v["image"]).parent.name: v["score"] for v in verdicts}
-    assert [s.score for s in scored] == pytest.approx([by_name["good"], by_name["stain"]])
-    mlflow.set_tracking_uri(registry.tracking_uri())
-    try:
-        model = mlflow.pyfunc.load_model(f"models:/edge-ad-{product}@staging")
-        import pandas as pd
-
-        rows = model.predict(pd.DataFrame({"image": frames}))
-    finally:
-        mlflow.set_tracking_uri(None)
-    assert list(rows["score"]) == pytest.approx([s.score for s in scored], rel=1e-5)
+    assert "vae_config" not in bundle.meta and bundle.detector.memory is not None
 
 
 def test_diffusionad_train_eval_and_stream(
