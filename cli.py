@@ -226,7 +226,19 @@ def train(
         )
         results = train_products(requests, settings, opts)
     table = Table(title="trained")
-    columns = ("product", "version", "I-AUROC", "PRO", "recall", "FPR", "threshold", "min")
+    # "train min" ends when the bundle is calibrated; "wall min" adds Ray start-up, the test-set
+    # evaluation and registration.
+    columns = (
+        "product",
+        "version",
+        "I-AUROC",
+        "PRO",
+        "recall",
+        "FPR",
+        "threshold",
+        "train min",
+        "wall min",
+    )
     for column in (*columns, "bundle"):
         table.add_column(column, justify="left" if column in ("product", "bundle") else "right")
     for r in results:
@@ -245,6 +257,7 @@ def train(
             str(r.model_version) if r.model_version is not None else "-",
             *(_pct(v) for v in cells),
             f"{r.summary.get('threshold', float('nan')):.3f}",
+            f"{r.summary.get('train_minutes', float('nan')):.1f}",
             f"{r.wall_seconds / 60:.1f}",
             str(r.bundle_path),
         )
