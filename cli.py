@@ -440,7 +440,7 @@ def models(
         table.add_row(
             row.name,
             str(row.version),
-            row.tags.get("method", "d3ad"),  # versions from before issue 8 are all D3AD
+            row.tags.get("method", "d3ad"),  # untagged versions predate other methods
             ", ".join(row.aliases) or "-",
             *(_pct(v) for v in cells),
             row.created,

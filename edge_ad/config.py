@@ -196,7 +196,7 @@ class CalibrationConfig(_Section):
 
 
 class DiffusionADConfig(_Section):
-    """DiffusionAD (seeds/002): norm-guided one-step reconstruction + segmentation network."""
+    """DiffusionAD (Zhang et al. 2023): norm-guided one-step reconstruction + segmentation net."""
 
     t_small: int = Field(200, ge=1, description="t_s: the guided one-step scale.")
     t_big: int = Field(400, ge=2, description="t_b: the scale of the guide x̂_0b (t_s < t_b).")
@@ -229,7 +229,7 @@ class DiffusionADConfig(_Section):
 
 
 class RANConfig(_Section):
-    """RAN, "Removing Anomalies as Noises" (seeds/000, 001, 003)."""
+    """RAN, "Removing Anomalies as Noises"."""
 
     kl_timesteps: tuple[int, ...] = Field(
         (5, 50, 100), description="t of the pixel-level KL scores (each normalised, averaged)."

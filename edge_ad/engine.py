@@ -174,7 +174,7 @@ def evaluate(
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> dict:
-    """Score the test split; return the report (DESIGN.md keys plus diagnostics)."""
+    """Score the test split; return the report (the eval-report keys plus diagnostics)."""
     product = product or bundle.product
     if product != bundle.product:
         raise EdgeADError(

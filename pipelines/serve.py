@@ -9,7 +9,7 @@ Three deployments, composed with ``.bind()``::
       └─▶ publisher  verdict (or DLQ entry) to Kafka, answered once the broker acknowledged it
 
 Severity, reconstruction and map are one batched call of the detector, not three deployments:
-they share the frame's features (computed once, DESIGN.md) and the model, and every frame takes
+they share the frame's features (computed once) and the model, and every frame takes
 the same 10 DDIM steps whatever its T̂, so one batch mixes T̂ instead of splitting into groups.
 
 Delivery is at-least-once. The ingress commits a partition's offset only up to the first frame

@@ -1,4 +1,4 @@
-"""Domain adaptation of the feature backbone φ (seeds/004 §4.3).
+"""Domain adaptation of the feature backbone φ (D3AD paper §4.3).
 
 An ImageNet backbone sees the autoencoder's small reconstruction artefacts (blur, colour shift)
 as differences, and the feature map f_map then lights up on normal images. Fine-tuning φ for a

@@ -1,6 +1,6 @@
 """Dynamic reconstruction: noiseless start at T̂, then guided DDIM back to ẑ0 (Algorithm 1).
 
-Paper seeds/004 §4 and Algorithm 1, with the DDAD error correction (Eq. 8) and DDIM (Eq. 7,
+D3AD paper §4 and Algorithm 1, with the DDAD error correction (Eq. 8) and DDIM (Eq. 7,
 σ = 0)::
 
     4: z_T̂ = √ᾱ_T̂ · z0                              no noise, only scaled ("downscaling", A.2.1)

@@ -8,7 +8,7 @@ Two severity estimates, chosen by ``severity.mode``:
   pooled whole-frame vector barely changes.
 * ``pooled``: the paper's, below.
 
-Paper seeds/004 §4.1, Algorithm 2. A frame that looks far from every normal training image
+D3AD paper §4.1, Algorithm 2. A frame that looks far from every normal training image
 probably carries a large defect and needs a deeper start T̂ to be repaired; a frame that looks
 normal needs only a shallow one (which preserves detail). The severity estimate is the mean L1
 distance ȳ0 from the frame's pooled layer-2 features to its K nearest training features:

@@ -197,7 +197,7 @@ def train_unet(
 
     With ``cfg.ema_decay`` the weights left in ``unet`` at the end are the exponential moving
     average (diffusers' ``EMAModel`` with warm-up), which LDM and DDPM sample from. It is off in
-    every profile: with latent crops and 3× the steps it lowered magnetictile I-AUROC (issue 4),
+    every profile: with latent crops and 3× the steps it lowered magnetictile I-AUROC,
     because a better denoiser from a noiseless start also rebuilds the defects.
     """
     observer = observer or FitObserver()

@@ -1,4 +1,4 @@
-"""The DiffusionAD detector (seeds/002) on the shared latent-diffusion parts.
+"""The DiffusionAD detector (Zhang et al. 2023) on the shared latent-diffusion parts.
 
     z0 = E(x) ─▶ ẑ0 = norm-guided one step (t_s = 200 guided by t_b = 400; ONE ε_θ call of 2N)
     ─▶ x̂ = D(ẑ0) ─▶ M̂ = sigmoid(S(cat(x, x̂))) ─▶ score = mean of the top-k pixels of M̂

@@ -1,4 +1,4 @@
-"""Norm-guided one-step denoising (DiffusionAD, seeds/002 §3.2, Eqs. 6–8), as pure tensor math.
+"""Norm-guided one-step denoising (DiffusionAD §3.2, Eqs. 6–8), as pure tensor math.
 
 The paper works on pixels; here the same formulas run on the latents z0 = E(x) of the shared
 autoencoder (so the UNet, its schedule and its Ray Train stage are the ones D3AD uses):

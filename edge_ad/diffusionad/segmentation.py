@@ -1,4 +1,4 @@
-"""DiffusionAD's segmentation sub-network and its loss (seeds/002 §3.3, Eqs. 10–11).
+"""DiffusionAD's segmentation sub-network and its loss (DiffusionAD §3.3, Eqs. 10–11).
 
 The network sees the frame and its reconstruction side by side, ``cat(x, x̂)`` (6 channels), and
 outputs the anomaly mask M̂ at full resolution: where x and x̂ differ in a way normal

@@ -1,4 +1,4 @@
-"""Synthetic anomalies for training DiffusionAD's segmentation network (seeds/002 §3.4, Eq. 12):
+"""Synthetic anomalies for training DiffusionAD's segmentation network (DiffusionAD §3.4, Eq. 12):
 
     S = β·(M ⊙ N) + (1 − β)·(M ⊙ A) + M̄ ⊙ N,        β ~ U(0.2, 0.8)
 

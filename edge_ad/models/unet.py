@@ -1,4 +1,4 @@
-"""Latent denoiser ε_θ(z_t, t) and its DDPM noise schedule (D3AD: seeds/004, Eq. 6).
+"""Latent denoiser ε_θ(z_t, t) and its DDPM noise schedule (D3AD paper, Eq. 6).
 
 The paper trains the unconditional LDM UNet on the autoencoder latents with the plain
 ε-prediction objective. ``diffusers.UNet2DModel`` is that network family; the defaults here

@@ -1,3 +1,3 @@
-"""RAN, "Removing Anomalies as Noises" (seeds/000, 001, 003): pixel-level KL-divergence scores of
+"""RAN, "Removing Anomalies as Noises": pixel-level KL-divergence scores of
 the diffusion model plus a feature-level score against a reconstruction made by gradient
 denoising under a PaDiM model of normal features."""

@@ -1,4 +1,4 @@
-"""The RAN detector (seeds/000, 001, 003) on the shared latent-diffusion parts.
+"""The RAN detector ("Removing Anomalies as Noises") on the shared latent-diffusion parts.
 
     z0 = E(x) ─▶ pixel-level score: KL(q ‖ p_θ) at t ∈ {5, 50, 100}, each normalised ─▶ mean
            └──▶ ẑ0 = gradient denoising under PaDiM (lr 0.02, a denoising step every 5)

@@ -1,4 +1,4 @@
-"""RAN's reconstruction: gradient denoising guided by PaDiM (seeds/000–003 §3.3, Eq. 13, Alg. 1).
+"""RAN's reconstruction: gradient denoising guided by PaDiM (RAN §3.3, Eq. 13, Alg. 1).
 
 Instead of noising the frame and sampling it back (which also "repairs" normal detail), RAN
 moves the frame down the gradient of the PaDiM energy L — anomalies are what L sees — and treats

@@ -1,4 +1,4 @@
-"""The pixel-level KL score of RAN (seeds/000–003 §3.2): how surprised the diffusion model is by
+"""The pixel-level KL score of RAN (§3.2): how surprised the diffusion model is by
 each pixel of a frame, at a few noise levels.
 
 For a timestep t ≥ 1 the true reverse step q(x_{t−1} | x_t, x_0) and the model's

@@ -1,5 +1,5 @@
 """PaDiM's Gaussian model of normal features (Defard et al. 2021), RAN's guide for gradient
-denoising (seeds/000–003 §3.3, Eq. 12):
+denoising (RAN §3.3, Eq. 12):
 
     L(x) = Σ_ij (f_ij(x) − μ_ij)ᵀ Σ_ij⁻¹ (f_ij(x) − μ_ij)
 

@@ -1,1 +1,1 @@
-"""Streaming: frame/verdict schema, Kafka helpers and the embedded broker (issue 6)."""
+"""Streaming: frame/verdict schema, Kafka helpers and the embedded broker."""

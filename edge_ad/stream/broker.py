@@ -2,7 +2,7 @@
 
 For the laptop demo and the integration tests, not for production (use a real Kafka, e.g.
 Strimzi on Kubernetes). It listens on loopback only and keeps messages in memory, so a
-restart forgets them (DESIGN.md). :class:`EmbeddedBroker` starts it, waits until it answers
+restart forgets them. :class:`EmbeddedBroker` starts it, waits until it answers
 the Kafka protocol, creates the three edge-ad topics and stops it cleanly::
 
     with EmbeddedBroker(port=0) as broker:          # 0 = any free port

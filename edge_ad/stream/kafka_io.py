@@ -6,7 +6,7 @@
   missing package is reported instead of silently slowing the line down.
 * :func:`make_consumer`: a consumer-group member with auto-commit off (offsets are committed by
   :class:`OffsetTracker`, only up to the first frame whose verdict is not acknowledged yet)
-  and the session timeout the embedded broker needs (DESIGN.md).
+  and the session timeout the embedded broker needs.
 * :func:`read_topic`: every record of a topic without joining a group (``edge-ad verdicts``,
   tests). It stops at the highwater mark, which the embedded broker reports reliably (its
   ``end_offsets`` is not).

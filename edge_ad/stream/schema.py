@@ -1,4 +1,4 @@
-"""The Kafka contract (DESIGN.md): frames in, verdicts out, bad frames to the DLQ.
+"""The Kafka contract: frames in, verdicts out, bad frames to the DLQ.
 
 * ``edge-ad.frames``: key = camera id (Kafka keeps order per key, so per camera), value = the
   encoded image (PNG/JPEG bytes), headers ``product``, ``frame_id``, ``line``, ``camera``, ``ts``.

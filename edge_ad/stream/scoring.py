@@ -100,7 +100,8 @@ class FrameScore:
 def score_frames(
     detector: LatentDiffusionDetector, images: Sequence[bytes], heatmaps: bool = True
 ) -> list[FrameScore | BadFrame]:
-    """Score encoded frames in one detector batch (mixed T̂ share it, see DESIGN.md)."""
+    """Score encoded frames in one detector batch (frames of mixed T̂ share it: each takes the
+    same number of DDIM steps)."""
     size = detector.settings.data.image_size
     results: list[FrameScore | BadFrame | None] = [None] * len(images)
     good: list[tuple[int, np.ndarray]] = []

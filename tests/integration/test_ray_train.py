@@ -1,6 +1,6 @@
 """Ray Train + MLflow, for real: a local Ray cluster, an MLflow sqlite store, tiny models.
 
-Covers issue 5's acceptance: two data-parallel workers train and register a model with params,
+Covers: two data-parallel workers train and register a model with params,
 per-epoch metrics, eval metrics and artifacts; promotion and its gate; the pyfunc model loaded
 by alias scores like the bundle; a worker killed mid-training and the job finishing from its
 checkpoint; ``--resume`` of an interrupted run; two products in one command.

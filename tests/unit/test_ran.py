@@ -1,5 +1,5 @@
 """RAN's defining pieces: the KL score on known Gaussians, the PaDiM Gaussian model and the
-gradient denoising reconstruction (seeds/000–003)."""
+gradient denoising reconstruction ("Removing Anomalies as Noises")."""
 
 from __future__ import annotations
 

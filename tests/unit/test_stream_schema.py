@@ -96,7 +96,7 @@ def test_verdict_json_round_trip_and_validation() -> None:
         "boxes",
         "latency_ms",
     ):
-        assert field in data  # the fields DESIGN.md promises consumers
+        assert field in data  # the fields the verdict schema promises consumers
     with pytest.raises(BadVerdict, match="lacks field"):
         Verdict.from_json(b'{"frame_id": "f-1"}')
     with pytest.raises(BadVerdict, match="not JSON"):
