@@ -6,14 +6,14 @@
 
 Stages are the method's own (``STAGES`` of its detector class); for D3AD: features (φ(x)),
 memory (the patch memory's nearest-neighbour search), severity (top-k patch distances or the
-pooled KNN, + bins), encode (E), diffusion (10 guided DDIM steps), decode (D), map (φ(x̂),
-distances, normalisation, blur); DiffusionAD: encode, diffusion (2 ε_θ evaluations), decode,
-segment; RAN: encode, kl, reconstruct (gradient denoising), decode, features; knn: features, memory,
-map. For a model with a patch memory the JSON also says how many patches it keeps and how long
-its coreset took to choose at training time. One burn-in
-batch per size, then ``--repeats`` timed batches (CUDA synchronised). The last line printed
-is one JSON object: {"batch": [...], "images_per_s": [...], "ms_per_image_by_stage":
-{stage: ms}, "method": ..., ...}.
+pooled KNN, + bins), encode (E), diffusion (the guided DDIM steps), decode (D; 0 where the map
+has no feature term), map (φ(x̂) where it has one, distances, normalisation, blur); DiffusionAD:
+encode, diffusion (2 ε_θ evaluations), decode, segment; RAN: encode, kl, reconstruct (gradient
+denoising), decode, features; knn: features, memory, map. For a model with a patch memory the
+JSON also says how many patches it keeps and how long its coreset took to choose at training
+time. One burn-in batch per size, then ``--repeats`` timed batches (CUDA synchronised). The last
+line printed is one JSON object: {"batch": [...], "images_per_s": [...],
+"ms_per_image_by_stage": {stage: ms}, "method": ..., ...}.
 """
 
 from __future__ import annotations

@@ -283,6 +283,7 @@ class Detector(nn.Module):
             m.projection_dim,
             self.settings.runtime.seed,
             matmul_dtype(m.matmul),
+            m.max_patches,
         )
         observer.stage_end(
             "memory",
@@ -324,8 +325,16 @@ class Detector(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
-    def score_batch(self, x: torch.Tensor, timings: dict[str, float] | None = None) -> Scored:
-        """The method itself: frames x in [-1, 1] (checked, on the device) → scores and maps."""
+    def score_batch(
+        self,
+        x: torch.Tensor,
+        timings: dict[str, float] | None = None,
+        reconstruction: bool = False,
+    ) -> Scored:
+        """The method itself: frames x in [-1, 1] (checked, on the device) → scores and maps.
+
+        ``reconstruction``: the caller wants x̂ (``infer``'s panels); a method whose score does
+        not need the decoded image may then skip decoding when it is False."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -339,7 +348,7 @@ class Detector(nn.Module):
         if not self.is_fitted:
             raise EdgeADError("the detector is not trained (fit it or load a bundle)")
         x = self._checked_input(x)
-        out = self.score_batch(x, timings)
+        out = self.score_batch(x, timings, reconstruction=return_reconstruction)
         n = len(x)
         distances = (
             np.full(n, np.nan) if out.distances is None else np.asarray(out.distances, np.float64)

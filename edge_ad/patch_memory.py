@@ -280,16 +280,21 @@ class PatchMemory:
         projection_dim: int | None = 128,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        max_patches: int | None = None,
     ) -> PatchMemory:
         """Keep a greedy coreset of ``fraction`` of the patches of ``embeddings``
-        (N, D, h, w), the patch vectors of N normal training images."""
+        (N, D, h, w), the patch vectors of N normal training images, and at most
+        ``max_patches`` of them (None = no cap)."""
         if embeddings.ndim != 4 or embeddings.shape[0] < 1:
             raise EdgeADError(f"patch embeddings must be (N, D, h, w), got {embeddings.shape}")
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"coreset fraction must be in (0, 1], got {fraction}")
         h, w = embeddings.shape[-2:]
         flat = flatten_patches(embeddings)
+        if max_patches is not None and max_patches < 1:
+            raise ValueError(f"max_patches must be positive, got {max_patches}")
         count = max(1, round(fraction * flat.shape[0]))
+        count = min(count, max_patches) if max_patches is not None else count
         coreset = greedy_coreset(flat, count, projection_dim, seed, dtype=dtype)
         image_of = torch.div(coreset.indices, h * w, rounding_mode="floor")
         return cls(flat[coreset.indices], image_of, (h, w), coreset.radius, coreset.seconds)

@@ -10,7 +10,8 @@ Three deployments, composed with ``.bind()``::
 
 Severity, reconstruction and map are one batched call of the detector, not three deployments:
 they share the frame's features (computed once) and the model, and every frame takes
-the same 10 DDIM steps whatever its T̂, so one batch mixes T̂ instead of splitting into groups.
+the same number of DDIM steps whatever its T̂, so one batch mixes T̂ instead of splitting
+into groups.
 
 Delivery is at-least-once. The ingress commits a partition's offset only up to the first frame
 whose verdict (or DLQ entry) the broker has not acknowledged yet; a replica that dies

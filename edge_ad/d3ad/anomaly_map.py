@@ -2,7 +2,7 @@
 
     l_map = mean_c |z0 − ẑ0|, upsampled to the image            (:func:`latent_distance`)
     f_map = Σ_j (1 − cos(φ_j(x0), φ_j(x̂0))), each upsampled     (:func:`feature_distance`)
-    A_map = G_σ=4 * (λ · norm_l(l_map) + (1 − λ) · norm_f(f_map)),  λ = 0.85
+    A_map = G_σ=4 * (λ · norm_l(l_map) + (1 − λ) · norm_f(f_map)),  λ = 0.85 in the paper
     score = max over pixels of A_map                             (:func:`image_score`)
 
 Normalization is the deployable part (:class:`MapNormalizer`). The reference code

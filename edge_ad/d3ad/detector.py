@@ -8,7 +8,8 @@ threshold). ``predict`` follows the data flow:
     ─▶ DIC: severity (mean of the top-k patch distances, or the paper's pooled KNN) → bin → T̂
     ─▶ z0 = E(x), ẑ0 = guided DDIM from √ᾱ_T̂·z0, x̂ = D(ẑ0)
     ─▶ A = G_σ * (w·norm_m(d) + (1−w)·(λ·norm_l(|z0 − ẑ0|) + (1−λ)·norm_f(f))),
-       f = Σ_j 1 − cos(φ_j(x), φ_j(x̂))
+       f = Σ_j 1 − cos(φ_j(x), φ_j(x̂))   (λ = 1: f, x̂ and φ(x̂) are skipped; x̂ is
+       decoded only when the caller asks for the picture)
     ─▶ score = max A, anomalous iff score ≥ threshold
 
 w = ``anomaly_map.memory_weight``; each term is normalised with the statistics of held-out
@@ -108,6 +109,12 @@ class D3AD(LatentDiffusionDetector):
     def memory_weight(self) -> float:
         return self.settings.anomaly_map.memory_weight if self.uses_memory else 0.0
 
+    @property
+    def feature_weight(self) -> float:
+        """Share of the feature term f in the fused map, (1 − w)(1 − λ): at 0 the score needs
+        neither x̂ = D(ẑ0) nor φ(x̂), and frames are not decoded unless x̂ is asked for."""
+        return (1.0 - self.memory_weight) * (1.0 - self.settings.anomaly_map.lam)
+
     def _state_fitted(self) -> bool:
         memory_ready = not self.memory_weight or math.isfinite(self.memory_stats[0])
         return self.severity.bin_edges is not None and self.normalizer.fitted and memory_ready
@@ -190,13 +197,17 @@ class D3AD(LatentDiffusionDetector):
         x: torch.Tensor,
         timings: dict[str, float] | None = None,
         memory_distances: torch.Tensor | None = None,
+        reconstruction: bool = False,
     ) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor | None, np.ndarray, np.ndarray, torch.Tensor
+        torch.Tensor, torch.Tensor, torch.Tensor | None, np.ndarray, np.ndarray, torch.Tensor | None
     ]:
         """(l_map, f_map, m_map, severities, T̂, x̂) before normalisation, for x in [-1, 1].
 
         ``memory_distances`` (N, h, w) replaces the memory search (calibration passes the
         leave-one-image-out distances of training images); m_map is None without a memory.
+        Where the feature term has no weight, f_map is zeros and x̂ is decoded only if
+        ``reconstruction`` asks for it (None otherwise): decoding and φ(x̂) are a third of
+        the time of a frame.
         """
         assert self.backbone is not None
         timer = StageTimer(timings, self.device)
@@ -212,14 +223,20 @@ class D3AD(LatentDiffusionDetector):
             z0 = self.codec.encode(x)
         with timer("diffusion"):
             z_hat = self.denoise(z0, torch.from_numpy(t_hat))
-        with timer("decode"):
-            x_hat = self.codec.decode(z_hat)
+        x_hat = None
+        if reconstruction or self.feature_weight > 0:
+            with timer("decode"):
+                x_hat = self.codec.decode(z_hat)
         with timer("map"):
-            feats_hat = self.backbone(x_hat)
             l_map = latent_distance(z0, z_hat, size)
-            f_map = feature_distance(
-                self.compared_features(feats), self.compared_features(feats_hat), size
-            )
+            if self.feature_weight > 0:
+                assert x_hat is not None
+                feats_hat = self.backbone(x_hat)
+                f_map = feature_distance(
+                    self.compared_features(feats), self.compared_features(feats_hat), size
+                )
+            else:
+                f_map = torch.zeros_like(l_map)
             m_map = None
             if memory_distances is not None:
                 m_map = upsample(memory_distances[:, None].float().to(l_map.device), size)
@@ -238,8 +255,15 @@ class D3AD(LatentDiffusionDetector):
             amap = w * (m_map - mean) / std + (1.0 - w) * amap
         return gaussian_blur(amap, m.sigma)[:, 0]
 
-    def score_batch(self, x: torch.Tensor, timings: dict[str, float] | None = None) -> Scored:
-        l_map, f_map, m_map, distances, t_hat, x_hat = self.raw_maps(x, timings)
+    def score_batch(
+        self,
+        x: torch.Tensor,
+        timings: dict[str, float] | None = None,
+        reconstruction: bool = False,
+    ) -> Scored:
+        l_map, f_map, m_map, distances, t_hat, x_hat = self.raw_maps(
+            x, timings, reconstruction=reconstruction
+        )
         with StageTimer(timings, self.device)("map"):
             amap = self.combine(l_map, f_map, m_map)
             scores = amap.flatten(1).amax(dim=1)

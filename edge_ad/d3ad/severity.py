@@ -130,7 +130,7 @@ def timestep_for_bin(
 
     Examples with the defaults: b=1 → max(1,2)=2 → 16 → 20; b=3 → 24 → 20; b=4 → 32 → 30;
     b=5 → 40; b=7 → 56 → 60; b=10 → 80. The result is always a positive multiple of
-    ``round_to`` (10), so with 10 DDIM steps the step size T̂/10 is an integer. ``min_bin``
+    ``round_to`` (10), so with 5 or 10 DDIM steps the step size is an integer. ``min_bin``
     keeps the start off the very shallow end "so that we don't rely solely on prior
     information" (paper §5); bins above ``num_bins`` are clipped to it. Ties round up, like
     the reference's ``roundup``. If ``t_max`` is not a multiple of ``round_to`` the top bin

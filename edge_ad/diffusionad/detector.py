@@ -95,7 +95,12 @@ class DiffusionAD(LatentDiffusionDetector):
         """Mask logits (N, 1, H, W) of the segmentation network on cat(x, x̂)."""
         return self.seg(torch.cat([x, x_hat], dim=1))
 
-    def score_batch(self, x: torch.Tensor, timings: dict[str, float] | None = None) -> Scored:
+    def score_batch(
+        self,
+        x: torch.Tensor,
+        timings: dict[str, float] | None = None,
+        reconstruction: bool = False,
+    ) -> Scored:
         d = self.settings.diffusionad
         timer = StageTimer(timings, self.device)
         with timer("encode"):

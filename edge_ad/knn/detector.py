@@ -45,7 +45,12 @@ class PatchKNN(Detector):
         s = self.settings
         return distance_map(distances, s.data.image_size, s.anomaly_map.sigma)
 
-    def score_batch(self, x: torch.Tensor, timings: dict[str, float] | None = None) -> Scored:
+    def score_batch(
+        self,
+        x: torch.Tensor,
+        timings: dict[str, float] | None = None,
+        reconstruction: bool = False,
+    ) -> Scored:
         assert self.backbone is not None
         timer = StageTimer(timings, self.device)
         with timer("features"):

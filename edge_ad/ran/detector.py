@@ -160,7 +160,12 @@ class RAN(LatentDiffusionDetector):
         amap = gaussian_blur((r.alpha * kl + (1.0 - r.alpha) * f).float(), sigma=r.sigma)
         return amap[:, 0]
 
-    def score_batch(self, x: torch.Tensor, timings: dict[str, float] | None = None) -> Scored:
+    def score_batch(
+        self,
+        x: torch.Tensor,
+        timings: dict[str, float] | None = None,
+        reconstruction: bool = False,
+    ) -> Scored:
         kls, f_map, x_hat = self.raw_maps(x, timings)
         amap = self.combine(kls, f_map)
         t = np.full(len(x), max(self.settings.ran.kl_timesteps), dtype=np.int64)

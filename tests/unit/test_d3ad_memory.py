@@ -93,3 +93,31 @@ def test_patch_mode_round_trips_through_a_bundle(patch_mode: D3AD, tmp_path) -> 
     assert torch.equal(before.scores, after.scores)
     assert torch.equal(before.timesteps, after.timesteps)
     assert loaded.memory_stats == patch_mode.memory_stats
+
+
+def test_without_a_feature_term_frames_are_decoded_only_when_asked() -> None:
+    """λ = 1 (or w = 1): the score needs neither x̂ nor φ(x̂), so scoring skips the decoder;
+    asking for the reconstruction decodes it and leaves the score unchanged."""
+    detector, _ = _fit(D3AD, "anomaly_map.lam=1.0")
+    assert detector.feature_weight == 0.0
+    frames = _frames(range(90, 94), "scratch")
+    quick: dict[str, float] = {}
+    scored = detector.predict(frames, timings=quick)
+    shown: dict[str, float] = {}
+    with_image = detector.predict(frames, return_reconstruction=True, timings=shown)
+    assert "decode" not in quick and "decode" in shown
+    assert scored.reconstructions is None
+    assert with_image.reconstructions is not None
+    assert with_image.reconstructions.shape == (4, 3, 64, 64)
+    assert torch.equal(scored.scores, with_image.scores)
+    assert torch.equal(scored.maps, with_image.maps)
+
+
+def test_a_weighted_feature_term_is_computed() -> None:
+    detector, _ = _fit(D3AD, "anomaly_map.lam=0.85")
+    assert detector.feature_weight > 0
+    frames = _frames(range(95, 97), "stain")
+    timings: dict[str, float] = {}
+    _, f_map, *_ = detector.raw_maps(detector._checked_input(frames), timings)
+    assert "decode" in timings
+    assert float(f_map.abs().max()) > 0

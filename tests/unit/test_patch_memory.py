@@ -56,6 +56,21 @@ def test_blocked_coreset_makes_the_textbook_greedy_choices() -> None:
     assert coreset.indices.tolist() == _naive_greedy(x, 120, first)
 
 
+def test_max_patches_caps_the_memory_and_keeps_it_a_greedy_coreset() -> None:
+    embeddings = _clustered(6 * 64, 8, 2).T.reshape(8, 6, 8, 8).permute(1, 0, 2, 3)
+    capped = PatchMemory.fit(embeddings, fraction=0.5, projection_dim=None, max_patches=40)
+    uncapped = PatchMemory.fit(embeddings, fraction=0.5, projection_dim=None)
+    assert len(capped.bank) == 40 and len(uncapped.bank) == 192
+    # Greedy k-center is a prefix process: the capped memory is the first 40 choices, so its
+    # covering radius can only be larger.
+    assert capped.radius >= uncapped.radius
+    assert set(map(tuple, capped.bank.tolist())) <= set(map(tuple, uncapped.bank.tolist()))
+    small = PatchMemory.fit(embeddings, fraction=0.05, projection_dim=None, max_patches=40)
+    assert len(small.bank) == round(0.05 * 6 * 64)  # below the cap: the fraction decides
+    with pytest.raises(ValueError, match="max_patches"):
+        PatchMemory.fit(embeddings, fraction=0.5, max_patches=0)
+
+
 def test_coreset_of_everything_keeps_everything() -> None:
     x = torch.randn(10, 4)
     coreset = greedy_coreset(x, 10)
