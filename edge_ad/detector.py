@@ -77,7 +77,8 @@ class Scored(NamedTuple):
     scores: torch.Tensor  # (N,)
     maps: torch.Tensor  # (N, H, W)
     timesteps: torch.Tensor | np.ndarray  # (N,)
-    x_hat: torch.Tensor | None  # (N, 3, H, W) in [-1, 1]; None for a method without one
+    # (N, 3, H, W) in [-1, 1]; None for a method without one, or where it was not decoded
+    x_hat: torch.Tensor | None
     distances: torch.Tensor | np.ndarray | None = None  # (N,) or None
 
 

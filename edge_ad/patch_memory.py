@@ -289,12 +289,13 @@ class PatchMemory:
             raise EdgeADError(f"patch embeddings must be (N, D, h, w), got {embeddings.shape}")
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"coreset fraction must be in (0, 1], got {fraction}")
-        h, w = embeddings.shape[-2:]
-        flat = flatten_patches(embeddings)
         if max_patches is not None and max_patches < 1:
             raise ValueError(f"max_patches must be positive, got {max_patches}")
+        h, w = embeddings.shape[-2:]
+        flat = flatten_patches(embeddings)
         count = max(1, round(fraction * flat.shape[0]))
-        count = min(count, max_patches) if max_patches is not None else count
+        if max_patches is not None:
+            count = min(count, max_patches)
         coreset = greedy_coreset(flat, count, projection_dim, seed, dtype=dtype)
         image_of = torch.div(coreset.indices, h * w, rounding_mode="floor")
         return cls(flat[coreset.indices], image_of, (h, w), coreset.radius, coreset.seconds)
