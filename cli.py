@@ -794,7 +794,11 @@ def demo(
 def compare(
     product: ProductOpt,
     methods: Annotated[
-        str, typer.Option(help="Comma-separated methods: d3ad, diffusionad, ran.")
+        str,
+        typer.Option(
+            help="Comma-separated methods: d3ad, diffusionad, ran, knn; an entry may add its "
+            "own settings after @ (d3ad@latent.space=vae,d3ad@latent.space=features)."
+        ),
     ] = "d3ad,diffusionad,ran",
     report: Annotated[Path | None, typer.Option(help="Write the comparison as JSON here.")] = None,
     data_root: DataRootOpt = None,
@@ -817,7 +821,7 @@ def compare(
     from edge_ad.data import load_dataset
     from edge_ad.paths import edge_home
     from edge_ad.progress import RichFitObserver, make_progress
-    from pipelines.compare import compare_methods, parse_methods
+    from pipelines.compare import compare_methods, parse_methods, split_entry
 
     _check_layout(layout)
     names = parse_methods(methods)
@@ -825,7 +829,10 @@ def compare(
         raise EdgeADError(f"--report {report} is a directory; give a file name such as cmp.json")
     overrides = list(set_ or [])
     # Every method's settings are resolved now: a bad --set fails before minutes of training.
-    resolved = {m: load_settings(profile, config, overrides, method=m) for m in names}
+    resolved = {}
+    for name in names:
+        method, own = split_entry(name)
+        resolved[name] = load_settings(profile, config, [*overrides, *own], method=method)
     root = _data_root(data_root)
     dataset = load_dataset(root, product, layout)
     console.print(
@@ -874,7 +881,7 @@ def _compare_table(result: dict[str, Any]) -> Any:
         f"{split.get('val_images', '?')} / test {split.get('test_images', '?')} images"
     )
     columns = ("I-AUROC", "P-AUROC", "PRO", "AP", "recall", "FPR", "s/img", "train min")
-    table.add_column("method")
+    table.add_column("method", overflow="fold")  # variants carry their settings: show all
     for column in columns:
         table.add_column(column, justify="right")
     for method, row in result["methods"].items():

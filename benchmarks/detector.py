@@ -2,12 +2,14 @@
 
     python benchmarks/detector.py                     # trains a tiny model on generated data
     python benchmarks/detector.py --method diffusionad  # ... of another method
+    python benchmarks/detector.py --set latent.space=features  # ... D3AD in feature space
     python benchmarks/detector.py --model DIR         # a trained bundle (e.g. the cpu profile)
 
 Stages are the method's own (``STAGES`` of its detector class); for D3AD: features (φ(x)),
 memory (the patch memory's nearest-neighbour search), severity (top-k patch distances or the
-pooled KNN, + bins), encode (E), diffusion (the guided DDIM steps), decode (D; 0 where the map
-has no feature term), map (φ(x̂) where it has one, distances, normalisation, blur); DiffusionAD:
+pooled KNN, + bins), encode (E, or the feature projection), diffusion (the DDIM steps), decode
+(D; 0 where the map has no feature term or the latent is features), map (φ(x̂) where it has
+one, distances, normalisation, blur); DiffusionAD:
 encode, diffusion (2 ε_θ evaluations), decode, segment; RAN: encode, kl, reconstruct (gradient
 denoising), decode, features; knn: features, memory, map. For a model with a patch memory the
 JSON also says how many patches it keeps and how long its coreset took to choose at training
@@ -33,8 +35,8 @@ from edge_ad.data.synthetic import SyntheticProduct, SynthSpec, generate_dataset
 from edge_ad.engine import as_chw, train_product
 
 
-def tiny_bundle(workdir: Path, method: str) -> Path:
-    settings = load_settings("tiny", method=method)
+def tiny_bundle(workdir: Path, method: str, overrides: list[str] | None = None) -> Path:
+    settings = load_settings("tiny", method=method, overrides=overrides)
     spec = SynthSpec(
         image_size=settings.data.image_size, n_train=60, n_test_good=1, n_test_per_defect=1
     )
@@ -52,13 +54,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="bundle directory (default: train tiny)")
     parser.add_argument("--method", default="d3ad", help="method of the tiny model trained")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="setting of the tiny model trained, e.g. --set latent.space=features",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or tiny_bundle(Path(tmp), args.method)
+        model = args.model or tiny_bundle(Path(tmp), args.method, args.overrides)
         detector = load_bundle(model, device=args.device).detector
     stages = type(detector).STAGES
     size = detector.settings.data.image_size

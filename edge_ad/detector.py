@@ -48,6 +48,7 @@ from edge_ad.models.autoencoder import (
     load_pretrained_autoencoder,
 )
 from edge_ad.models.backbone import FeatureBackbone, frozen_copy
+from edge_ad.models.feature_codec import FeatureCodec
 from edge_ad.models.unet import build_unet, make_noise_scheduler
 from edge_ad.patch_memory import PatchMemory, embed_images, matmul_dtype, patch_embedding
 
@@ -504,13 +505,26 @@ class LatentDiffusionDetector(Detector):
     def __init__(
         self,
         settings: Settings,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | None,
         unet: UNet2DModel,
         backbone: FeatureBackbone | None,
         threshold: float = math.nan,
     ) -> None:
+        """``vae`` is None in the ``features`` latent space: the latent is then the backbone's
+        patch features through a fitted :class:`FeatureCodec` (no autoencoder at all)."""
         super().__init__(settings, backbone, threshold)
-        self.codec = LatentCodec(vae)
+        self.codec: LatentCodec | FeatureCodec
+        if self.feature_latent:
+            if backbone is None:
+                raise EdgeADError("latent.space=features needs a feature backbone")
+            layers = list(backbone.layers)
+            self._latent_pos = [layers.index(j) for j in settings.memory.layers]
+            splits = [backbone.channels[i] for i in self._latent_pos]
+            self.codec = FeatureCodec(sum(splits), settings.latent.channels, splits)
+        elif vae is None:
+            raise EdgeADError("latent.space=vae needs an autoencoder")
+        else:
+            self.codec = LatentCodec(vae)
         self.unet = unet
         s = settings.unet
         self.register_buffer(
@@ -521,18 +535,29 @@ class LatentDiffusionDetector(Detector):
 
     # ------------------------------------------------------------------ construction
 
+    @property
+    def feature_latent(self) -> bool:
+        """Whether the latent is the backbone's projected features (else an autoencoder's)."""
+        return self.settings.latent.space == "features"
+
     @classmethod
     def build(cls, settings: Settings) -> LatentDiffusionDetector:
         ae = settings.autoencoder
-        if ae.pretrained:
-            vae = load_pretrained_autoencoder(ae.pretrained)
+        vae: AutoencoderKL | None = None
+        if settings.latent.space == "features":
+            # Stride 8: the memory's patch grid, the finest of its layers.
+            down, channels = 8, settings.latent.channels
         else:
-            vae = build_autoencoder(ae.block_out_channels, ae.layers_per_block)
-        down = 2 ** (len(vae.config.block_out_channels) - 1)
+            if ae.pretrained:
+                vae = load_pretrained_autoencoder(ae.pretrained)
+            else:
+                vae = build_autoencoder(ae.block_out_channels, ae.layers_per_block)
+            down = 2 ** (len(vae.config.block_out_channels) - 1)
+            channels = int(vae.config.latent_channels)
         u = settings.unet
         unet = build_unet(
             sample_size=settings.data.image_size // down,
-            in_channels=int(vae.config.latent_channels),
+            in_channels=channels,
             block_out_channels=u.block_out_channels,
             layers_per_block=u.layers_per_block,
             attention=u.attention,
@@ -543,13 +568,17 @@ class LatentDiffusionDetector(Detector):
     def from_meta(
         cls, settings: Settings, meta: dict[str, Any], backbone: FeatureBackbone | None
     ) -> LatentDiffusionDetector:
-        vae = AutoencoderKL.from_config(_public_config(meta["vae_config"]))
+        vae = None
+        if settings.latent.space == "vae":
+            vae = AutoencoderKL.from_config(_public_config(meta["vae_config"]))
         unet = UNet2DModel.from_config(_public_config(meta["unet_config"]))
         detector = cls(settings, vae, unet, backbone, threshold=float(meta["threshold"]))
         detector.restore_meta(meta)
         return detector
 
     def extra_meta(self) -> dict[str, Any]:
+        if isinstance(self.codec, FeatureCodec):  # its projection is stored with the weights
+            return {"unet_config": dict(self.unet.config)}
         return {
             "scaling_factor": self.codec.scaling_factor,
             "vae_config": dict(self.codec.vae.config),
@@ -557,16 +586,20 @@ class LatentDiffusionDetector(Detector):
         }
 
     def restore_meta(self, meta: dict[str, Any]) -> None:
-        if "scaling_factor" in meta:
+        if "scaling_factor" in meta and isinstance(self.codec, LatentCodec):
             self.codec.scaling_factor = float(meta["scaling_factor"])
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
         """(C, h, w) of the latents of H×W frames (default: the settings' image size)."""
-        vae = self.codec.vae
-        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        if isinstance(self.codec, FeatureCodec):
+            down, channels = 8, self.codec.latent_channels
+        else:
+            vae = self.codec.vae
+            down = 2 ** (len(vae.config.block_out_channels) - 1)
+            channels = int(vae.config.latent_channels)
         size = self.settings.data.image_size
         h, w = (height or size) // down, (width or size) // down
-        return (int(vae.config.latent_channels), h, w)
+        return (channels, h, w)
 
     def fixed_noise(self, *leading: int, offset: int = 0) -> torch.Tensor:
         """Gaussian ε of shape (*leading, 1, C, h, w), the same for every model built with these
@@ -576,7 +609,24 @@ class LatentDiffusionDetector(Detector):
         return torch.randn((*leading, 1, *self.latent_shape()), generator=g)
 
     def weight_parts(self) -> dict[str, nn.Module]:
-        return {"vae": self.codec.vae, "unet": self.unet} | super().weight_parts()
+        latent = {"codec": self.codec} if isinstance(self.codec, FeatureCodec) else {}
+        latent = latent or {"vae": self.codec.vae}
+        return latent | {"unet": self.unet} | super().weight_parts()
+
+    def latent_features(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """The patch embedding the ``features`` latent projects (the memory's, whatever the
+        memory itself is used for)."""
+        return patch_embedding(
+            [feats[i] for i in self._latent_pos], self.settings.memory.neighbourhood
+        )
+
+    def encode(self, x: torch.Tensor, feats: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """z0 of frames x in [-1, 1]: E(x) scaled, or the projected backbone features (``feats``,
+        when the caller already has φ(x), saves a backbone pass)."""
+        if isinstance(self.codec, LatentCodec):
+            return self.codec.encode(x)
+        assert self.backbone is not None
+        return self.codec.encode(self.latent_features(feats or self.backbone(x)))
 
     def eps(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ε_θ(z_t, t) with per-sample timesteps."""
@@ -588,7 +638,7 @@ class LatentDiffusionDetector(Detector):
         self, train_images: torch.Tensor, observer: FitObserver | None = None
     ) -> dict[str, float]:
         summary = self.fit_autoencoder(train_images, observer)
-        self.fit_scaling(train_images)
+        summary |= self.fit_scaling(train_images)
         return summary | self.fit_unet(self.encode_images(train_images), observer)
 
     def perceptual_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -624,6 +674,8 @@ class LatentDiffusionDetector(Detector):
         as is). ``seed_offset`` (the worker rank) gives each worker its own crops."""
         cfg = self.settings
         summary: dict[str, float] = {}
+        if isinstance(self.codec, FeatureCodec):  # no autoencoder in the features space
+            return summary
         if cfg.autoencoder.pretrained is None and cfg.autoencoder.epochs > 0:
             summary = train_autoencoder(
                 self.codec.vae,
@@ -638,19 +690,34 @@ class LatentDiffusionDetector(Detector):
         self.codec.vae.eval().requires_grad_(False)
         return summary
 
+    def freeze_autoencoder(self) -> None:
+        """Eval mode, no gradients for E/D (a resumed job past the autoencoder stage)."""
+        if isinstance(self.codec, LatentCodec):
+            self.codec.vae.eval().requires_grad_(False)
+
     @torch.no_grad()
-    def fit_scaling(self, train_images: torch.Tensor) -> None:
-        """1/std of the training latents (a trained autoencoder; a pretrained one has its own).
+    def fit_scaling(self, train_images: torch.Tensor) -> dict[str, float]:
+        """The latent's scale: 1/std of the training latents (a trained autoencoder; a
+        pretrained one has its own), or the whitened projection of the training features.
         Data-parallel workers call this on *all* train images so they agree on the scale."""
+        if isinstance(self.codec, FeatureCodec):
+            assert self.backbone is not None
+            self.backbone.eval()
+            embeddings = (
+                self.latent_features(self.backbone(to_model_range(b).to(self.device))).cpu()
+                for b in train_images.split(16)
+            )
+            return self.codec.fit(embeddings)
         if self.settings.autoencoder.pretrained is None:
             batches = [to_model_range(b).to(self.device) for b in train_images.split(16)]
             self.codec.scaling_factor = estimate_scaling_factor(self.codec.vae, batches)
+        return {}
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Scaled latents z0 = E(x) of uint8 images, on the CPU."""
         return torch.cat(
-            [self.codec.encode(to_model_range(b).to(self.device)).cpu() for b in images.split(16)]
+            [self.encode(to_model_range(b).to(self.device)).cpu() for b in images.split(16)]
         )
 
     def fit_unet(

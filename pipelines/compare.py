@@ -28,18 +28,36 @@ METRICS = ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "seconds_per_image",
 
 
 def parse_methods(text: str) -> list[str]:
-    """``"d3ad,ran"`` → ``["d3ad", "ran"]`` (checked, no repeats)."""
-    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
-    if not methods:
+    """``"d3ad,ran"`` → ``["d3ad", "ran"]`` (checked, no repeats).
+
+    An entry may carry its own settings after ``@``, several joined by ``@``:
+    ``d3ad@latent.space=vae,d3ad@latent.space=features`` compares two D3AD variants; each
+    entry is a row labelled as written.
+    """
+    entries = [m.strip() for m in text.split(",") if m.strip()]
+    if not entries:
         raise EdgeADError(f"--methods names no method; choose from {', '.join(METHODS)}")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [e for e in entries if split_entry(e)[0] not in METHODS]
     if unknown:
         raise EdgeADError(
-            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}"
+            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)} "
+            "(optionally with settings: d3ad@latent.space=features)"
         )
-    if len(set(methods)) != len(methods):
+    if len(set(entries)) != len(entries):
         raise EdgeADError(f"a method is listed twice: {text}")
-    return methods
+    return entries
+
+
+def split_entry(entry: str) -> tuple[str, list[str]]:
+    """``"d3ad@latent.space=features@unet.epochs=5"`` → ``("d3ad", ["latent.space=features",
+    "unet.epochs=5"])``: the method and the settings this row alone gets."""
+    method, *overrides = entry.split("@")
+    return method.strip().lower(), [o.strip() for o in overrides if o.strip()]
+
+
+def entry_folder(entry: str) -> str:
+    """A folder name for an entry's bundle (settings characters made path-safe)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in entry)
 
 
 def compare_methods(
@@ -55,9 +73,9 @@ def compare_methods(
 ) -> dict[str, Any]:
     """Train and evaluate each method in turn; return the comparison report.
 
-    ``settings_for(method)`` gives the resolved settings of a method (the profile with what
-    the method changes in it, then the user's overrides). ``on_result(method, row)`` is called
-    as each method finishes.
+    ``methods`` are :func:`parse_methods` entries; ``settings_for(entry)`` gives an entry's
+    resolved settings (the profile with what the method changes in it, the user's overrides,
+    then the entry's own). ``on_result(entry, row)`` is called as each entry finishes.
     """
     from pipelines.train import TrainOptions, TrainRequest, ensure_ray, train_one
 
@@ -76,7 +94,7 @@ def compare_methods(
             else None,
             extra_tags={"compare": compare_id},
         )
-        request = TrainRequest(product, str(data_root), layout, str(output / method))
+        request = TrainRequest(product, str(data_root), layout, str(output / entry_folder(method)))
         try:
             job = train_one(request, settings, opts)
         except EdgeADError as err:

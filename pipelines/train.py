@@ -362,8 +362,8 @@ def _fit_generative(
             shard, observer, control("autoencoder", ae.epochs), seed_offset=rank
         )
     else:
-        detector.codec.vae.eval().requires_grad_(False)
-    detector.fit_scaling(data.train_images)
+        detector.freeze_autoencoder()
+    summary |= detector.fit_scaling(data.train_images)
     if not (resume and resume.finished("unet")):
         summary |= detector.fit_unet(
             detector.encode_images(shard),

@@ -16,11 +16,19 @@ w = ``anomaly_map.memory_weight``; each term is normalised with the statistics o
 normal images. With w = 0 and ``severity.mode=pooled`` this is the paper's D3AD exactly (the
 ``paper`` profile keeps it reachable).
 
+Two latent spaces (``latent.space``): ``vae`` (above: an autoencoder's latents, the paper's) and
+``features``, where z0 is the backbone's stride-8/16 patch features φ(x) projected by a fixed
+whitened PCA (:class:`~edge_ad.models.feature_codec.FeatureCodec`): no autoencoder is trained
+or run, ``encode`` is one matrix product on features already computed for the memory, the
+feature term compares the decoded features of z0 and ẑ0 per layer, and there is no picture
+of x̂ (the map is the picture). φ is never adapted there: it *is* the latent space.
+
 Frames of different T̂ share one batch: the UNet takes per-sample timesteps and every frame
 takes the same number of DDIM steps, so nothing is split into T̂ groups.
 
-``fit`` trains the stages in order on normal images only: autoencoder, UNet, domain adaptation
-of φ, the patch memory (and, pooled mode, the KNN severity index) over every training image,
+``fit`` trains the stages in order on normal images only: autoencoder (or the feature
+projection), UNet, domain adaptation of φ (``vae`` space), the patch memory (and, pooled
+mode, the KNN severity index) over every training image,
 then calibration on normal images the detector did not learn from: the held-out validation
 images, plus training images scored leave-one-image-out against the memory (never the test
 set, unlike the reference code).
@@ -58,7 +66,9 @@ from edge_ad.detector import (
 )
 from edge_ad.errors import EdgeADError
 from edge_ad.maps import gaussian_blur, pooled_mean_std, upsample
+from edge_ad.models.autoencoder import LatentCodec
 from edge_ad.models.backbone import FeatureBackbone
+from edge_ad.models.feature_codec import FeatureCodec
 
 __all__ = ["D3AD", "STAGES", "Prediction", "resolve_device"]
 
@@ -103,7 +113,10 @@ class D3AD(LatentDiffusionDetector):
     @classmethod
     def backbone_layers(cls, settings: Settings) -> list[int]:
         b = settings.backbone
-        return sorted({b.severity_layer, *b.map_layers, *super().backbone_layers(settings)})
+        latent = settings.memory.layers if settings.latent.space == "features" else ()
+        return sorted(
+            {b.severity_layer, *b.map_layers, *latent, *super().backbone_layers(settings)}
+        )
 
     @property
     def memory_weight(self) -> float:
@@ -157,7 +170,9 @@ class D3AD(LatentDiffusionDetector):
     def reconstruct(
         self, x: torch.Tensor, t_hat: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x in [-1, 1] and per-image T̂ → (z0, ẑ0, x̂)."""
+        """x in [-1, 1] and per-image T̂ → (z0, ẑ0, x̂) (the ``vae`` latent space)."""
+        if not isinstance(self.codec, LatentCodec):
+            raise EdgeADError("a reconstructed image exists only in latent.space=vae")
         z0 = self.codec.encode(x)
         z_hat = self.denoise(z0, t_hat)
         return z0, z_hat, self.codec.decode(z_hat)
@@ -220,27 +235,53 @@ class D3AD(LatentDiffusionDetector):
         with timer("severity"):
             distances, t_hat = self.choose_timesteps(feats, memory_distances)
         with timer("encode"):
-            z0 = self.codec.encode(x)
+            z0 = self.encode(x, feats)
         with timer("diffusion"):
             z_hat = self.denoise(z0, torch.from_numpy(t_hat))
         x_hat = None
-        if reconstruction or self.feature_weight > 0:
+        pixel_space = isinstance(self.codec, LatentCodec)
+        if pixel_space and (reconstruction or self.feature_weight > 0):
             with timer("decode"):
                 x_hat = self.codec.decode(z_hat)
         with timer("map"):
             l_map = latent_distance(z0, z_hat, size)
             if self.feature_weight > 0:
-                assert x_hat is not None
-                feats_hat = self.backbone(x_hat)
-                f_map = feature_distance(
-                    self.compared_features(feats), self.compared_features(feats_hat), size
-                )
+                f_map = self.feature_map(x, feats, z0, z_hat, x_hat)
             else:
                 f_map = torch.zeros_like(l_map)
             m_map = None
             if memory_distances is not None:
                 m_map = upsample(memory_distances[:, None].float().to(l_map.device), size)
         return l_map, f_map, m_map, distances, t_hat, x_hat
+
+    def feature_map(
+        self,
+        x: torch.Tensor,
+        feats: list[torch.Tensor],
+        z0: torch.Tensor,
+        z_hat: torch.Tensor,
+        x_hat: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """f_map, Σ_j 1 − cos per layer j between what the frame is and what was rebuilt:
+
+        * ``features`` latent: the decoded features of z0 and of ẑ0 (both through the same
+          projection, so only the diffusion's change is measured);
+        * ``vae`` latent, ``feature_reference=input`` (the paper): φ(x) vs φ(x̂);
+        * ``vae`` latent, ``feature_reference=round_trip``: φ(D(E(x))) vs φ(D(ẑ0)), so the
+          autoencoder's own blur, common to both, cancels (one more decode and φ pass).
+        """
+        assert self.backbone is not None
+        size = tuple(x.shape[-2:])
+        if isinstance(self.codec, FeatureCodec):
+            parts = self.codec.layers(self.codec.decode(z0))
+            parts_hat = self.codec.layers(self.codec.decode(z_hat))
+            return feature_distance(parts, parts_hat, size)
+        assert x_hat is not None
+        if self.settings.anomaly_map.feature_reference == "round_trip":
+            feats = self.backbone(self.codec.decode(z0))
+        return feature_distance(
+            self.compared_features(feats), self.compared_features(self.backbone(x_hat)), size
+        )
 
     def combine(
         self, l_map: torch.Tensor, f_map: torch.Tensor, m_map: torch.Tensor | None
@@ -278,7 +319,9 @@ class D3AD(LatentDiffusionDetector):
         assert self.backbone is not None
         cfg = self.settings
         summary: dict[str, float] = {}
-        if cfg.adapt.epochs > 0:
+        # In the features latent φ *is* the latent space: adapting it would move the space the
+        # UNet was trained in.
+        if cfg.adapt.epochs > 0 and not self.feature_latent:
             self.backbone.requires_grad_(True)
             summary = adapt_backbone(
                 self.backbone,

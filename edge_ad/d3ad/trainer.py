@@ -22,7 +22,8 @@ from diffusers.training_utils import EMAModel
 from edge_ad.config import AutoencoderConfig, UNetConfig
 from edge_ad.d3ad.observer import FitObserver
 from edge_ad.models.autoencoder import PerceptualLoss, autoencoder_loss
-from edge_ad.models.unet import diffusion_loss
+from edge_ad.models.corruption import corrupt_latents
+from edge_ad.models.unet import corrupted_diffusion_loss, diffusion_loss
 
 LoopState = dict[str, Any]
 
@@ -193,7 +194,8 @@ def train_unet(
     seed: int = 0,
     control: LoopControl | None = None,
 ) -> dict[str, float]:
-    """Fit the ε-prediction UNet on the training latents z0 = E(x) (paper Eq. 6).
+    """Fit the ε-prediction UNet on the training latents z0 (paper Eq. 6), or, with
+    ``cfg.corruption``, to remove synthetic corruption of them as if it were noise.
 
     With ``cfg.ema_decay`` the weights left in ``unet`` at the end are the exponential moving
     average (diffusers' ``EMAModel`` with warm-up), which LDM and DDPM sample from. It is off in
@@ -227,7 +229,25 @@ def train_unet(
         total, batches = 0.0, _batches(len(latents), cfg.batch_size, generator)
         for idx in batches:
             z0 = random_crop(latents[idx], cfg.crop_size, generator).to(device)
-            loss = diffusion_loss(model, scheduler, z0, noise_generator, cfg.max_train_timestep)
+            if cfg.corruption == "none":
+                loss = diffusion_loss(model, scheduler, z0, noise_generator, cfg.max_train_timestep)
+            else:
+                corrupted, _ = corrupt_latents(
+                    z0,
+                    cfg.corruption,
+                    cfg.corruption_probability,
+                    cfg.corruption_area,
+                    generator=generator,
+                )
+                loss = corrupted_diffusion_loss(
+                    model,
+                    scheduler,
+                    z0,
+                    corrupted,
+                    noise_generator,
+                    cfg.max_train_timestep,
+                    cfg.snr_gamma,
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

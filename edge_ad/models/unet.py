@@ -119,3 +119,41 @@ def diffusion_loss(
     z_t = scheduler.add_noise(z0, noise, t)
     pred = unet(z_t, t).sample
     return F.mse_loss(pred.float(), noise.float())
+
+
+def corrupted_diffusion_loss(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    z0: torch.Tensor,
+    corrupted: torch.Tensor,
+    generator: torch.Generator | None = None,
+    max_timestep: int | None = None,
+    snr_gamma: float = 5.0,
+) -> torch.Tensor:
+    """The denoiser learns to remove a corruption as if it were noise.
+
+    The input is the *corrupted* latent noised, z_t = √ᾱ_t z̃0 + √(1−ᾱ_t) ε, and the target is
+    the ε* whose removal lands on the *clean* z0:
+
+        ε* = (z_t − √ᾱ_t z0) / √(1−ᾱ_t) = ε + √ᾱ_t (z̃0 − z0) / √(1−ᾱ_t)
+
+    (where nothing was corrupted ε* = ε: the plain objective). At small t, ε* in a corrupted
+    region is many times the unit noise, so the loss is weighted per sample by Min-SNR-γ
+    (Hang et al., 2023), min(SNR_t, γ)/SNR_t with SNR_t = ᾱ_t/(1−ᾱ_t): the small t, where a
+    repair of a whole region cannot be asked for, do not swamp the rest.
+    """
+    n = z0.shape[0]
+    gen_device = generator.device if generator is not None else z0.device
+    steps = scheduler.config.num_train_timesteps
+    if max_timestep is not None:
+        steps = max(1, min(int(max_timestep), steps))
+    t = torch.randint(0, steps, (n,), generator=generator, device=gen_device).to(z0.device)
+    noise = torch.randn(z0.shape, generator=generator, device=gen_device, dtype=z0.dtype)
+    noise = noise.to(z0.device)
+    abar = scheduler.alphas_cumprod.to(z0.device)[t].float().reshape(-1, 1, 1, 1)
+    z_t = abar.sqrt() * corrupted + (1.0 - abar).sqrt() * noise
+    target = noise + abar.sqrt() * (corrupted - z0) / (1.0 - abar).sqrt()
+    pred = unet(z_t.to(z0.dtype), t).sample
+    snr = abar / (1.0 - abar)
+    weight = snr.clamp(max=snr_gamma) / snr
+    return (weight * (pred.float() - target.float()) ** 2).mean()

@@ -19,6 +19,7 @@ from edge_ad.methods import detector_class
 from edge_ad.stream.broker import EmbeddedBroker
 from edge_ad.stream.kafka_io import read_topic
 from edge_ad.stream.schema import DLQ_TOPIC, VERDICTS_TOPIC, Verdict
+from pipelines.compare import entry_folder, split_entry
 from tests.integration.test_stream_cli import serving
 
 pytestmark = pytest.mark.slow
@@ -171,17 +172,23 @@ def test_compare_trains_each_method_on_one_split_without_registering(
     fast = ["autoencoder.epochs=1", "unet.epochs=2", "adapt.epochs=0", "diffusionad.seg_epochs=1"]
     report_file = tmp_path / "cmp.json"
     result = _ok(run_cli("compare", "-p", "cmp-board", "--data-root", str(data), "--profile",
-                         "tiny", "--methods", "d3ad,diffusionad,knn", "--report", str(report_file),
+                         "tiny", "--methods", "d3ad,d3ad@latent.space=features,diffusionad,knn",
+                         "--report", str(report_file),
                          "--output", str(tmp_path / "models"),
                          *[a for s in fast for a in ("--set", s)]))  # fmt: skip
     for column in ("I-AUROC", "P-AUROC", "PRO", "AP", "recall", "FPR", "s/img", "train min"):
         assert column in result.stdout
     report = json.loads(report_file.read_text())
-    assert list(report["methods"]) == ["d3ad", "diffusionad", "knn"]
+    features = "d3ad@latent.space=features"
+    assert list(report["methods"]) == ["d3ad", features, "diffusionad", "knn"]
+    assert features in result.stdout  # the variant's row says what it is, in full
     assert report["split"] == {"train_images": 22, "val_images": 2, "test_images": 6 + 5 * 2}
-    for method, row in report["methods"].items():
+    for entry, row in report["methods"].items():
+        method = split_entry(entry)[0]
         assert row["method"] == method  # the evaluated bundle is the method's own
-        assert (tmp_path / "models" / method / "bundle.json").is_file()
+        bundle = tmp_path / "models" / entry_folder(entry) / "bundle.json"
+        space = json.loads(bundle.read_text())["settings"]["latent"]["space"]
+        assert space == ("features" if entry == features else "vae")
         for key in METRICS:
             assert 0.0 <= row[key] <= 1.0, (method, key, row)
         assert row["seconds_per_image"] > 0 and row["train_minutes"] > 0

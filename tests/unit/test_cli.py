@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from edge_ad.errors import EdgeADError
 
 runner = CliRunner()
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
@@ -88,6 +89,24 @@ def test_compare_and_train_reject_unknown_methods_in_one_line(
         "diffusionad.t_small=500",
     )
     assert result.returncode == 1 and "t_small (500) must be below t_big" in result.stderr
+    # An entry's own setting is checked the same way, and only for that entry.
+    result = run_cli(
+        "compare", "-p", "synth-pcb", *root, "--methods", "knn,ran@latent.space=features"
+    )
+    assert result.returncode == 1 and "latent.space=features is D3AD's" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_compare_entries_carry_their_own_settings() -> None:
+    from pipelines.compare import entry_folder, parse_methods, split_entry
+
+    entries = parse_methods("d3ad@latent.space=vae, d3ad@latent.space=features@unet.epochs=3,knn")
+    assert entries == ["d3ad@latent.space=vae", "d3ad@latent.space=features@unet.epochs=3", "knn"]
+    assert split_entry(entries[1]) == ("d3ad", ["latent.space=features", "unet.epochs=3"])
+    assert split_entry("knn") == ("knn", [])
+    assert entry_folder(entries[1]) == "d3ad_latent.space_features_unet.epochs_3"
+    with pytest.raises(EdgeADError, match="unknown method"):
+        parse_methods("patchcore@memory.layers=[1]")
 
 
 def test_streaming_commands_without_a_broker_say_so_at_once(run_cli: RunCli) -> None:
