@@ -180,7 +180,8 @@ class D3AD(LatentDiffusionDetector):
     def denoise(self, z0: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
         """ẑ0: the guided DDIM steps from √ᾱ_T̂·z0, per-sample T̂."""
         r = self.settings.reconstruct
-        return reconstruct_latents(self.eps, z0, t_hat, self.alphas_cumprod, r.steps, r.eta)
+        eta = r.guidance(self.settings.latent.space)
+        return reconstruct_latents(self.eps, z0, t_hat, self.alphas_cumprod, r.steps, eta)
 
     def severity_vectors(self, feats: list[torch.Tensor]) -> np.ndarray:
         return pool_features(feats[self._severity_pos], self.settings.severity.pool_size)
