@@ -94,6 +94,24 @@ def make_noise_scheduler(
     )
 
 
+def draw_timesteps_and_noise(
+    scheduler: DDPMScheduler,
+    z0: torch.Tensor,
+    generator: torch.Generator | None = None,
+    max_timestep: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, ε) for a training batch: t uniform in [0, T) or [0, ``max_timestep``), ε ~ N(0, I)
+    shaped like z0, both drawn from ``generator`` (on z0's device or the CPU), on z0's device."""
+    n = z0.shape[0]
+    gen_device = generator.device if generator is not None else z0.device
+    steps = scheduler.config.num_train_timesteps
+    if max_timestep is not None:
+        steps = max(1, min(int(max_timestep), steps))
+    t = torch.randint(0, steps, (n,), generator=generator, device=gen_device).to(z0.device)
+    noise = torch.randn(z0.shape, generator=generator, device=gen_device, dtype=z0.dtype)
+    return t, noise.to(z0.device)
+
+
 def diffusion_loss(
     unet: UNet2DModel,
     scheduler: DDPMScheduler,
@@ -108,14 +126,7 @@ def diffusion_loss(
     better spent on the timesteps inference uses. ``generator`` (on z0's device or the CPU)
     makes t and ε reproducible, e.g. for a fixed validation loss.
     """
-    n = z0.shape[0]
-    gen_device = generator.device if generator is not None else z0.device
-    steps = scheduler.config.num_train_timesteps
-    if max_timestep is not None:
-        steps = max(1, min(int(max_timestep), steps))
-    t = torch.randint(0, steps, (n,), generator=generator, device=gen_device).to(z0.device)
-    noise = torch.randn(z0.shape, generator=generator, device=gen_device, dtype=z0.dtype)
-    noise = noise.to(z0.device)
+    t, noise = draw_timesteps_and_noise(scheduler, z0, generator, max_timestep)
     z_t = scheduler.add_noise(z0, noise, t)
     pred = unet(z_t, t).sample
     return F.mse_loss(pred.float(), noise.float())
@@ -142,14 +153,7 @@ def corrupted_diffusion_loss(
     (Hang et al., 2023), min(SNR_t, γ)/SNR_t with SNR_t = ᾱ_t/(1−ᾱ_t): the small t, where a
     repair of a whole region cannot be asked for, do not swamp the rest.
     """
-    n = z0.shape[0]
-    gen_device = generator.device if generator is not None else z0.device
-    steps = scheduler.config.num_train_timesteps
-    if max_timestep is not None:
-        steps = max(1, min(int(max_timestep), steps))
-    t = torch.randint(0, steps, (n,), generator=generator, device=gen_device).to(z0.device)
-    noise = torch.randn(z0.shape, generator=generator, device=gen_device, dtype=z0.dtype)
-    noise = noise.to(z0.device)
+    t, noise = draw_timesteps_and_noise(scheduler, z0, generator, max_timestep)
     abar = scheduler.alphas_cumprod.to(z0.device)[t].float().reshape(-1, 1, 1, 1)
     z_t = abar.sqrt() * corrupted + (1.0 - abar).sqrt() * noise
     target = noise + abar.sqrt() * (corrupted - z0) / (1.0 - abar).sqrt()

@@ -110,6 +110,33 @@ def test_no_corruption_is_the_identity_and_probability_is_respected() -> None:
         corrupt_latents(z0, "blur")
 
 
+def test_corruption_loss_asks_for_the_clean_latent() -> None:
+    """A model that names ε* = (z_t − √ᾱ_t z0)/√(1−ᾱ_t) (removing it lands on the CLEAN z0)
+    has zero loss; one that only names the added noise ε does not, where z̃0 ≠ z0."""
+    from types import SimpleNamespace
+
+    from edge_ad.models.unet import corrupted_diffusion_loss, make_noise_scheduler
+
+    scheduler = make_noise_scheduler()
+    abar_all = scheduler.alphas_cumprod
+    z0 = _latents(3)
+    corrupted, _ = corrupt_latents(z0, "noise", 1.0, generator=torch.Generator().manual_seed(3))
+
+    def model(clean: torch.Tensor):
+        def call(z_t: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+            abar = abar_all[t].float().reshape(-1, 1, 1, 1)
+            return SimpleNamespace(sample=(z_t - abar.sqrt() * clean) / (1 - abar).sqrt())
+
+        return call
+
+    def loss(m) -> float:
+        g = torch.Generator().manual_seed(7)
+        return float(corrupted_diffusion_loss(m, scheduler, z0, corrupted, g, 100))
+
+    assert loss(model(z0)) < 1e-6
+    assert loss(model(corrupted)) > 1e-2  # "denoises" back onto the corruption: penalised
+
+
 def test_corruption_setting_is_checked() -> None:
     s = load_settings("tiny", overrides=["unet.corruption=patches"])
     assert s.unet.corruption == "patches"
