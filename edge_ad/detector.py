@@ -609,8 +609,11 @@ class LatentDiffusionDetector(Detector):
         return torch.randn((*leading, 1, *self.latent_shape()), generator=g)
 
     def weight_parts(self) -> dict[str, nn.Module]:
-        latent = {"codec": self.codec} if isinstance(self.codec, FeatureCodec) else {}
-        latent = latent or {"vae": self.codec.vae}
+        latent: dict[str, nn.Module]
+        if isinstance(self.codec, FeatureCodec):  # the fitted projection, as buffers
+            latent = {"codec": self.codec}
+        else:
+            latent = {"vae": self.codec.vae}
         return latent | {"unet": self.unet} | super().weight_parts()
 
     def latent_features(self, feats: list[torch.Tensor]) -> torch.Tensor:
