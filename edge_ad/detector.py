@@ -517,9 +517,10 @@ class LatentDiffusionDetector(Detector):
         if self.feature_latent:
             if backbone is None:
                 raise EdgeADError("latent.space=features needs a feature backbone")
+            # z0 projects the memory's patch embedding, whether or not a memory is kept.
             layers = list(backbone.layers)
-            self._latent_pos = [layers.index(j) for j in settings.memory.layers]
-            splits = [backbone.channels[i] for i in self._latent_pos]
+            self._memory_pos = [layers.index(j) for j in settings.memory.layers]
+            splits = [backbone.channels[i] for i in self._memory_pos]
             self.codec = FeatureCodec(sum(splits), settings.latent.channels, splits)
         elif vae is None:
             raise EdgeADError("latent.space=vae needs an autoencoder")
@@ -543,10 +544,11 @@ class LatentDiffusionDetector(Detector):
     @classmethod
     def build(cls, settings: Settings) -> LatentDiffusionDetector:
         ae = settings.autoencoder
+        backbone = cls.make_backbone(settings)
         vae: AutoencoderKL | None = None
         if settings.latent.space == "features":
-            # Stride 8: the memory's patch grid, the finest of its layers.
-            down, channels = 8, settings.latent.channels
+            assert backbone is not None
+            down, channels = _patch_stride(backbone, settings), settings.latent.channels
         else:
             if ae.pretrained:
                 vae = load_pretrained_autoencoder(ae.pretrained)
@@ -562,7 +564,7 @@ class LatentDiffusionDetector(Detector):
             layers_per_block=u.layers_per_block,
             attention=u.attention,
         )
-        return cls(settings, vae, unet, cls.make_backbone(settings))
+        return cls(settings, vae, unet, backbone)
 
     @classmethod
     def from_meta(
@@ -592,7 +594,9 @@ class LatentDiffusionDetector(Detector):
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
         """(C, h, w) of the latents of H×W frames (default: the settings' image size)."""
         if isinstance(self.codec, FeatureCodec):
-            down, channels = 8, self.codec.latent_channels
+            assert self.backbone is not None
+            down = _patch_stride(self.backbone, self.settings)
+            channels = self.codec.latent_channels
         else:
             vae = self.codec.vae
             down = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -616,20 +620,21 @@ class LatentDiffusionDetector(Detector):
             latent = {"vae": self.codec.vae}
         return latent | {"unet": self.unet} | super().weight_parts()
 
-    def latent_features(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        """The patch embedding the ``features`` latent projects (the memory's, whatever the
-        memory itself is used for)."""
-        return patch_embedding(
-            [feats[i] for i in self._latent_pos], self.settings.memory.neighbourhood
-        )
-
-    def encode(self, x: torch.Tensor, feats: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """z0 of frames x in [-1, 1]: E(x) scaled, or the projected backbone features (``feats``,
-        when the caller already has φ(x), saves a backbone pass)."""
+    def encode(
+        self,
+        x: torch.Tensor,
+        feats: list[torch.Tensor] | None = None,
+        embedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """z0 of frames x in [-1, 1]: E(x) scaled, or the projected patch embedding of φ(x).
+        A caller that already has φ(x) (``feats``) or its embedding (``embedding``, computed for
+        the memory search) passes it, so neither is computed twice."""
         if isinstance(self.codec, LatentCodec):
             return self.codec.encode(x)
-        assert self.backbone is not None
-        return self.codec.encode(self.latent_features(feats or self.backbone(x)))
+        if embedding is None:
+            assert self.backbone is not None
+            embedding = self.memory_embedding(feats or self.backbone(x))
+        return self.codec.encode(embedding)
 
     def eps(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ε_θ(z_t, t) with per-sample timesteps."""
@@ -707,7 +712,7 @@ class LatentDiffusionDetector(Detector):
             assert self.backbone is not None
             self.backbone.eval()
             embeddings = (
-                self.latent_features(self.backbone(to_model_range(b).to(self.device))).cpu()
+                self.memory_embedding(self.backbone(to_model_range(b).to(self.device))).cpu()
                 for b in train_images.split(16)
             )
             return self.codec.fit(embeddings)
@@ -746,6 +751,12 @@ class LatentDiffusionDetector(Detector):
         )
         self.unet.eval().requires_grad_(False)
         return summary
+
+
+def _patch_stride(backbone: FeatureBackbone, settings: Settings) -> int:
+    """Down-sampling of the patch grid (the finest memory layer's stride): the ``features``
+    latent's h × w."""
+    return backbone.strides[list(backbone.layers).index(settings.memory.layers[0])]
 
 
 def _public_config(config: dict[str, Any]) -> dict[str, Any]:

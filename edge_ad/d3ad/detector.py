@@ -230,13 +230,16 @@ class D3AD(LatentDiffusionDetector):
         size = tuple(x.shape[-2:])
         with timer("features"):
             feats = self.backbone(x)
+        embedding = None  # the patch vectors, kept for a features latent's z0
         with timer("memory"):
             if self.uses_memory and memory_distances is None:
-                memory_distances = self.memory_distances(feats)
+                assert self.memory is not None
+                embedding = self.memory_embedding(feats)
+                memory_distances = self.memory.distances(embedding)
         with timer("severity"):
             distances, t_hat = self.choose_timesteps(feats, memory_distances)
         with timer("encode"):
-            z0 = self.encode(x, feats)
+            z0 = self.encode(x, feats, embedding)
         with timer("diffusion"):
             z_hat = self.denoise(z0, torch.from_numpy(t_hat))
         x_hat = None

@@ -81,9 +81,8 @@ def corrupt_latents(
                     c, rh, rw, generator=generator
                 )
             else:  # patches: the same-sized region of another latent, anywhere in it
+                # Any latent but this one (this one only when the batch holds no other).
                 other = (i + int(torch.randint(1, max(n, 2), (1,), generator=generator))) % n
-                if n == 1:
-                    other = i
                 src_top = int(torch.randint(0, h - rh + 1, (1,), generator=generator))
                 src_left = int(torch.randint(0, w - rw + 1, (1,), generator=generator))
                 values = z0[other, :, src_top : src_top + rh, src_left : src_left + rw].cpu()
