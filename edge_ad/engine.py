@@ -20,8 +20,9 @@ from edge_ad import metrics
 from edge_ad.bundle import Bundle, load_bundle, save_bundle
 from edge_ad.config import Settings
 from edge_ad.d3ad.observer import FitObserver, HistoryObserver, ObserverGroup
-from edge_ad.data import load_dataset, load_images, load_masks, read_image, split_train_val
+from edge_ad.data import load_dataset, load_images, load_masks, split_train_val
 from edge_ad.data.samples import Sample
+from edge_ad.data.untrusted import read_untrusted
 from edge_ad.detector import Detector, Prediction, finite_or_none
 from edge_ad.errors import EdgeADError
 from edge_ad.methods import build_detector
@@ -282,7 +283,7 @@ def infer_images(
     names = _output_names([Path(p) for p in paths])
     for start in range(0, len(paths), batch_size):
         chunk = [Path(p) for p in paths[start : start + batch_size]]
-        originals = [read_image(p, size) for p in chunk]
+        originals = [read_untrusted(p, size) for p in chunk]
         t0 = time.perf_counter()
         pred = detector.predict(as_chw(np.stack(originals)), return_reconstruction=True)
         latency_ms = 1000.0 * (time.perf_counter() - t0) / len(chunk)

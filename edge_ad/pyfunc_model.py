@@ -12,9 +12,10 @@ Input (``predict``):
 * a ``uint8`` array ``(N, H, W, 3)`` or ``(H, W, 3)`` of already decoded RGB frames at the
   bundle's image size.
 
-Bytes are decoded with :func:`edge_ad.data.transforms.decode_image`, the reader training used, so
-the pyfunc scores exactly what ``edge-ad infer`` and Serve score. Output: one row per image with
-``score, is_anomalous, threshold, timestep, severity_distance``.
+Bytes are decoded with :func:`edge_ad.data.untrusted.decode_untrusted` (limits checked on the
+header before decoding, then the colour conversion and resize of training), so the pyfunc
+scores exactly what ``edge-ad infer`` and Serve score, and refuses what they refuse. Output: one
+row per image with ``score, is_anomalous, threshold, timestep, severity_distance``.
 
 The model is logged without a signature on purpose: a column signature would make MLflow turn
 every input into a DataFrame first, which rejects the 4-D frame arrays above.
@@ -32,7 +33,7 @@ import pandas as pd
 import torch
 
 from edge_ad.bundle import Bundle, load_bundle
-from edge_ad.data.transforms import decode_image
+from edge_ad.data.untrusted import decode_untrusted
 from edge_ad.errors import EdgeADError
 
 IMAGE_COLUMN = "image"
@@ -87,7 +88,7 @@ def frames_from_input(model_input: Any, size: int) -> np.ndarray:
     if not values:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
     return np.stack(
-        [decode_image(_as_bytes(v, i), size, name=f"#{i}") for i, v in enumerate(values)]
+        [decode_untrusted(_as_bytes(v, i), size, name=f"image #{i}") for i, v in enumerate(values)]
     )
 
 

@@ -39,7 +39,7 @@ from edge_ad.errors import DatasetError
 Progress = Callable[[int, int], None]
 """Progress callback: called as ``progress(done, total)`` after each image."""
 
-_READ_ERRORS = (
+READ_ERRORS = (
     OSError,
     ValueError,
     SyntaxError,
@@ -57,14 +57,14 @@ def _open(source: Path | bytes, name: str) -> Image.Image:
             return ImageOps.exif_transpose(img) or img
     except FileNotFoundError as exc:
         raise DatasetError(f"image {name} not found; check the dataset folder") from exc
-    except _READ_ERRORS as exc:
+    except READ_ERRORS as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DatasetError(
             f"cannot read image {name} ({reason}); replace or remove the corrupt file"
         ) from exc
 
 
-def _to_rgb_array(img: Image.Image) -> np.ndarray:
+def to_rgb_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
         # 16-bit greyscale (Pillow opens 16-bit PNG/TIFF as I;16 or I): scale to 8 bits.
@@ -105,13 +105,13 @@ def read_image(path: str | Path, size: int) -> np.ndarray:
     """Read an image file as ``uint8`` RGB ``(size, size, 3)`` (see the module docstring for
     the colour conversions and resizing). Raises DatasetError for a missing/corrupt file."""
     size = _check_size(size)
-    return _resize(_to_rgb_array(_open(Path(path), str(path))), size)
+    return _resize(to_rgb_array(_open(Path(path), str(path))), size)
 
 
 def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Encoded bytes (PNG/JPEG/...) → ``uint8`` RGB at their own size, with the same colour
     conversions as :func:`read_image`. Raises DatasetError for bytes that are not an image."""
-    return _to_rgb_array(_open(bytes(data), name))
+    return to_rgb_array(_open(bytes(data), name))
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

@@ -37,25 +37,16 @@ def encode_image(image: np.ndarray, fmt: str = ".png") -> bytes:
 def decode_frame_image(data: bytes, size: int) -> np.ndarray:
     """PNG/JPEG bytes → RGB uint8 (size, size, 3), or :class:`BadFrame` saying why not.
 
-    Colour conversion and resizing are those of training (``edge_ad.data.transforms``), so a
-    camera may send its native resolution. A frame smaller than the model's input is refused:
-    upscaling would invent the detail the model compares against.
+    The checks of :func:`edge_ad.data.untrusted.decode_untrusted` (bytes, format, pixel count,
+    sides, aspect) run on the header before anything is decoded. Colour conversion and
+    resizing are those of training, so a camera may send its native resolution.
     """
-    from edge_ad.data.transforms import decode_rgb, resize_image
-    from edge_ad.errors import DatasetError
+    from edge_ad.data.untrusted import UntrustedImageError, decode_untrusted
 
-    if not data:
-        raise BadFrame("empty value: the frame carries no image")
     try:
-        image = decode_rgb(data, "frame")
-    except DatasetError:
-        raise BadFrame(f"value is not a decodable image ({len(data)} bytes)") from None
-    h, w = image.shape[:2]
-    if h < size or w < size:
-        raise BadFrame(f"frame is {w}x{h} px, smaller than the model's {size}x{size} input")
-    if max(h, w) > 4 * min(h, w):
-        raise BadFrame(f"frame is {w}x{h} px: aspect ratio beyond 4:1, not a product view")
-    return resize_image(image, size)
+        return decode_untrusted(data, size, name="frame")
+    except UntrustedImageError as err:
+        raise BadFrame(str(err)) from None
 
 
 def heatmap_png(amap: np.ndarray, threshold: float) -> bytes:
