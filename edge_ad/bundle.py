@@ -20,6 +20,7 @@ that arrived over the network cannot run code. The detector is rebuilt from the 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,23 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
     )
 
 
+def _require_finite(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """A NaN or infinite number in the fitted state or the calibration makes every score NaN,
+    and NaN compares false with the threshold: the frame would pass as normal."""
+    if not _is_number(meta["threshold"]):
+        raise ValueError(f"bundle.json threshold is {meta['threshold']!r}, not a finite number")
+    factor = meta.get("scaling_factor", 1.0)
+    if not (_is_number(factor) and factor > 0):
+        raise ValueError(f"bundle.json scaling_factor is {factor!r}, not a positive number")
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"state {key} holds NaN or infinite values")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _rebuild(path: Path, meta: dict[str, Any]) -> Detector:
     settings = settings_from_dict(meta["settings"])
     method = meta.get("method", "d3ad")
@@ -190,6 +208,8 @@ def _rebuild(path: Path, meta: dict[str, Any]) -> Detector:
         backbone = FeatureBackbone(b["name"], b["layers"], weights=None)
         backbone.weights_source = b.get("weights_source", "bundle")
     detector = detector_class(method).from_meta(settings, meta, backbone)
-    detector.load_state_tensors(load_file(str(path / STATE_FILE)))
+    state = load_file(str(path / STATE_FILE))
+    _require_finite(state, meta)
+    detector.load_state_tensors(state)
     load_detector_weights(detector, load_file(str(path / WEIGHTS_FILE)))
     return detector

@@ -286,6 +286,12 @@ def infer_images(
         originals = [read_untrusted(p, size) for p in chunk]
         t0 = time.perf_counter()
         pred = detector.predict(as_chw(np.stack(originals)), return_reconstruction=True)
+        for i, score in enumerate(pred.scores.tolist()):
+            if not np.isfinite(score):
+                raise EdgeADError(
+                    f"the model gave a non-finite score ({score}) for {chunk[i]}: its bundle "
+                    "is broken; retrain it or load another version"
+                )
         latency_ms = 1000.0 * (time.perf_counter() - t0) / len(chunk)
         recon_u8 = None
         if pred.reconstructions is not None:  # methods without a reconstruction: 2 panels

@@ -127,6 +127,12 @@ class EdgeADModel(mlflow.pyfunc.PythonModel):
             return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
         score = cat(scores, np.float64)  # float32 scores, widened exactly
+        broken = np.flatnonzero(~np.isfinite(score))
+        if len(broken):
+            raise EdgeADError(
+                f"the model gave non-finite scores for image(s) {broken[:10].tolist()}: its "
+                "bundle is broken; retrain it or load another version"
+            )
         return pd.DataFrame(
             {
                 "score": score,

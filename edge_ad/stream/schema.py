@@ -147,7 +147,8 @@ class Verdict:
         return self.frame_id.encode()
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        # allow_nan=False: bare NaN/Infinity is not JSON, and a consumer must never read one.
+        return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Verdict:

@@ -9,6 +9,7 @@ an exception: one bad frame must not fail the batch it shares with good ones.
 from __future__ import annotations
 
 import base64
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,6 +110,13 @@ def score_frames(
         batch = torch.from_numpy(np.stack([img for _, img in good])).permute(0, 3, 1, 2)
         pred = detector.predict(batch)
         for j, (i, _) in enumerate(good):
+            if not math.isfinite(float(pred.scores[j])):
+                # Never "ok": a NaN compares false with the threshold and would pass as normal.
+                results[i] = BadFrame(
+                    f"the model gave a non-finite score ({float(pred.scores[j])}): its bundle "
+                    "is broken; retrain or roll back the alias"
+                )
+                continue
             amap = pred.maps[j].numpy()
             anomalous = bool(pred.is_anomalous[j])
             results[i] = FrameScore(

@@ -133,3 +133,54 @@ def test_untrained_detector_refuses_to_predict_or_save(tmp_path: Path) -> None:
         detector.predict(_frames(1, 0))
     with pytest.raises(EdgeADError, match="untrained"):
         save_bundle(detector, tmp_path / "x", "p")
+
+
+@pytest.mark.parametrize(
+    ("edit", "word"),
+    [
+        (lambda meta, state: meta.update(scaling_factor=0.0), "scaling_factor is 0.0"),
+        (lambda meta, state: meta.update(scaling_factor=float("nan")), "scaling_factor is nan"),
+        (lambda meta, state: meta.update(threshold=float("inf")), "threshold is inf"),
+        (
+            lambda meta, state: state["normalizer.latent_mean"].fill_(float("nan")),
+            "normalizer.latent_mean",
+        ),
+    ],
+    ids=["scaling-zero", "scaling-nan", "threshold-inf", "nan-normaliser"],
+)
+def test_bundles_that_would_score_nan_are_refused_at_load(
+    fitted: tuple[D3AD, HistoryObserver], tmp_path: Path, edit, word: str
+) -> None:
+    """Before: scaling_factor 0/NaN or a NaN normaliser loaded, scored every frame NaN, and
+    NaN < threshold reported each one as normal."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_bundle(fitted[0], tmp_path / "b", "widget")
+    meta = json.loads((path / "bundle.json").read_text())
+    state = load_file(str(path / "state.safetensors"))
+    edit(meta, state)
+    (path / "bundle.json").write_text(json.dumps(meta))
+    save_file(state, str(path / "state.safetensors"))
+    with pytest.raises(EdgeADError, match=word):
+        load_bundle(path)
+
+
+def test_a_nan_score_is_a_bad_frame_never_a_normal_verdict(
+    fitted: tuple[D3AD, HistoryObserver],
+) -> None:
+    """Before: a NaN score became ``is_anomalous=false`` and a bare ``NaN`` in the JSON."""
+    from edge_ad.stream.schema import BadFrame, Verdict
+    from edge_ad.stream.scoring import encode_image, score_frames
+
+    detector = fitted[0]
+    saved = detector.normalizer.latent_std
+    frame = encode_image(_frames(1, 5)[0].permute(1, 2, 0).numpy())
+    detector.normalizer.latent_std = float("nan")  # what a broken bundle did at runtime
+    try:
+        (result,) = score_frames(detector, [frame])
+    finally:
+        detector.normalizer.latent_std = saved
+    assert isinstance(result, BadFrame) and "non-finite score" in str(result)
+    verdict = Verdict("f", "p", "c", "l", "1", float("nan"), 1.0, False, 20)
+    with pytest.raises(ValueError, match="JSON compliant"):
+        verdict.to_json()
