@@ -30,11 +30,15 @@ METHODS = ("d3ad", "diffusionad", "ran", "knn")
 class _Section(BaseModel):
     # Frozen so a resolved config cannot drift after it was logged; extra="forbid" so a typo in
     # a YAML key is an error instead of a silently ignored setting.
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: ".nan" and ".inf" are valid YAML floats, and a NaN β or learning
+    # rate trains a model whose every score is NaN.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class DataConfig(_Section):
-    image_size: int = Field(256, ge=32, description="Square side images are resized to (px).")
+    image_size: int = Field(
+        256, ge=32, le=2048, description="Square side images are resized to (px)."
+    )
     val_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of normal train images held back to calibrate."
     )
@@ -82,9 +86,9 @@ class UNetConfig(_Section):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    beta_start: float = 0.0015
-    beta_end: float = 0.0195
-    num_train_timesteps: int = 1000
+    beta_start: float = Field(0.0015, gt=0, lt=1)
+    beta_end: float = Field(0.0195, gt=0, lt=1)
+    num_train_timesteps: int = Field(1000, ge=10, le=10_000)
     max_train_timestep: int | None = Field(
         None,
         ge=1,
@@ -122,6 +126,10 @@ class UNetConfig(_Section):
         low, high = self.corruption_area
         if not 0 < low <= high <= 1:
             raise ValueError(f"corruption_area must satisfy 0 < low ≤ high ≤ 1, got {low}, {high}")
+        if self.beta_start >= self.beta_end:
+            raise ValueError(
+                f"beta_start ({self.beta_start}) must be below beta_end ({self.beta_end})"
+            )
         return self
 
 

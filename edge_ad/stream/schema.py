@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ from edge_ad.errors import EdgeADError
 FRAMES_TOPIC = "edge-ad.frames"
 VERDICTS_TOPIC = "edge-ad.verdicts"
 DLQ_TOPIC = "edge-ad.frames.dlq"
+#: How far a camera's clock may run ahead of the scorer's before its ts is refused.
+MAX_CLOCK_AHEAD_S = 86_400.0
 FRAME_HEADERS = ("product", "frame_id", "line", "camera", "ts")
 ERROR_HEADER = "error"
 MAX_HEADER_CHARS = 256
@@ -95,6 +98,13 @@ def decode_frame(key: bytes | None, value: bytes | None, headers: Headers | None
         ) from None
     if not math.isfinite(ts):
         raise BadFrame(f"header ts={found['ts']!r:.40} is not a finite time")
+    if not 0 < ts <= time.time() + MAX_CLOCK_AHEAD_S:
+        # A latency measured from it would be meaningless (1e21 ms from ts=-1e18); a value
+        # in milliseconds lands here too.
+        raise BadFrame(
+            f"header ts={found['ts']!r:.40} is not a capture time (seconds since the epoch, "
+            "not in the future)"
+        )
     if not value:
         raise BadFrame("empty value: the frame carries no image")
     camera = found["camera"]

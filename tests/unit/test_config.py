@@ -83,3 +83,20 @@ def test_settings_are_frozen() -> None:
     s = Settings()
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError
         s.unet.epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("override", "word"),
+    [
+        ("unet.beta_start=.nan", "finite number"),
+        ("unet.lr=.inf", "finite number"),
+        ("autoencoder.lr=-.inf", "finite number"),
+        ("data.image_size=1048576", "less than or equal to 2048"),
+        ("unet.beta_end=1.5", "less than 1"),
+        ("unet.beta_start=0.03", "must be below beta_end"),
+    ],
+)
+def test_non_finite_and_unbounded_settings_are_refused(override: str, word: str) -> None:
+    """Before: .nan, .inf (valid YAML floats) and a 1048576-px image size were accepted."""
+    with pytest.raises(ConfigError, match=word):
+        load_settings("cpu", overrides=[override])

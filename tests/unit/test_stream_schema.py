@@ -45,6 +45,9 @@ def test_missing_headers_are_named(drop: str, reason: str) -> None:
         ([("product", b"\xff\xfe")], b"x", None, "not UTF-8"),
         ([*FRAME.headers()[:4], ("ts", b"yesterday")], b"x", None, "not a number"),
         ([*FRAME.headers()[:4], ("ts", b"nan")], b"x", None, "not a finite time"),
+        # Before: ts=-1e18 was accepted and gave a latency of 1e21 ms.
+        ([*FRAME.headers()[:4], ("ts", b"-1e18")], b"x", None, "not a capture time"),
+        ([*FRAME.headers()[:4], ("ts", b"1796000000250")], b"x", None, "not a capture time"),
         (FRAME.headers(), b"", None, "empty value"),
         (FRAME.headers(), b"x", b"cam-b", "differs from header camera"),
         ([("product",)], b"x", None, "malformed header"),
