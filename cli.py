@@ -19,6 +19,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from edge_ad.errors import EdgeADError
+from edge_ad.names import check_product_name
 
 console = Console()
 err_console = Console(stderr=True)
@@ -56,7 +57,21 @@ app.add_typer(data_app, name="data")
 
 # ----------------------------------------------------------------------------- shared options
 
-ProductOpt = Annotated[str, typer.Option("--product", "-p", help="Product name (one model each).")]
+
+def _product_names(value: str | list[str] | None) -> str | list[str] | None:
+    """Typer callback: every product name follows the one rule (edge_ad.names)."""
+    try:
+        for name in [value] if isinstance(value, str) else value or []:
+            check_product_name(name)
+    except EdgeADError as err:
+        raise typer.BadParameter(str(err)) from None
+    return value
+
+
+ProductOpt = Annotated[
+    str,
+    typer.Option("--product", "-p", help="Product name (one model each).", callback=_product_names),
+]
 DataRootOpt = Annotated[
     Path | None,
     typer.Option(help="Folder holding <product>/ (MVTec or folder layout) or a VisA root."),
@@ -126,7 +141,7 @@ def _read_products(products: list[str] | None, products_file: Path | None) -> li
         for line in products_file.read_text().splitlines():
             name = line.split("#", 1)[0].strip()
             if name:
-                names.append(name)
+                names.append(check_product_name(name))
     if not names:
         raise EdgeADError("name a product: --product P (repeatable) or --products-file FILE")
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -143,7 +158,12 @@ def _read_products(products: list[str] | None, products_file: Path | None) -> li
 def train(
     product: Annotated[
         list[str] | None,
-        typer.Option("--product", "-p", help="Product to train (repeat for several)."),
+        typer.Option(
+            "--product",
+            "-p",
+            help="Product to train (repeat for several).",
+            callback=_product_names,
+        ),
     ] = None,
     products_file: Annotated[
         Path | None, typer.Option(help="File with one product name per line (# comments).")
@@ -404,7 +424,8 @@ def promote(
 @app.command(epilog="Examples:  edge-ad models  ·  edge-ad models -p pcb1")
 def models(
     product: Annotated[
-        str | None, typer.Option("--product", "-p", help="Only this product.")
+        str | None,
+        typer.Option("--product", "-p", help="Only this product.", callback=_product_names),
     ] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:

@@ -26,6 +26,7 @@ from edge_ad.data.untrusted import read_untrusted
 from edge_ad.detector import Detector, Prediction, finite_or_none
 from edge_ad.errors import EdgeADError
 from edge_ad.methods import build_detector
+from edge_ad.names import check_product_name
 from edge_ad.paths import edge_home
 from edge_ad.visualize import defect_regions, heatmap_overlay, side_by_side
 
@@ -33,7 +34,7 @@ Progress = Callable[[int, int], None]
 
 
 def default_model_dir(product: str) -> Path:
-    return edge_home() / "models" / product
+    return edge_home() / "models" / check_product_name(product)
 
 
 def as_chw(images: np.ndarray) -> torch.Tensor:

@@ -51,6 +51,7 @@ from mlflow.utils.validation import (
 
 import edge_ad
 from edge_ad.errors import EdgeADError
+from edge_ad.names import check_product_name, is_product_name
 from edge_ad.paths import edge_home
 
 PREFIX = "edge-ad-"
@@ -83,11 +84,11 @@ def tracking_uri(explicit: str | None = None) -> str:
 
 
 def model_name(product: str) -> str:
-    return f"{PREFIX}{product}"
+    return f"{PREFIX}{check_product_name(product)}"
 
 
 def experiment_name(product: str) -> str:
-    return f"{PREFIX}{product}"
+    return f"{PREFIX}{check_product_name(product)}"
 
 
 def _product_of(name: str) -> str:
@@ -569,6 +570,9 @@ def list_versions(product: str | None = None, uri: str | None = None) -> list[Ve
                 lambda t: client.search_registered_models(f"name LIKE '{PREFIX}%'", page_token=t)
             )
         out: list[tuple[int, VersionInfo]] = []
+        # A model registered outside edge-ad under a name it would refuse (a quote breaks
+        # the version search's filter) is not one of ours: skip it, list the others.
+        models = [m for m in models if is_product_name(_product_of(m.name))]
         for rm in sorted(models, key=lambda m: m.name):
             aliases = _aliases_by_version(rm)
             for mv in _versions(client, rm.name):

@@ -35,7 +35,6 @@ import asyncio
 import collections
 import logging
 import os
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,12 +45,12 @@ from kafka import ConsumerRebalanceListener
 from ray import serve
 
 from edge_ad.errors import EdgeADError
+from edge_ad.names import is_product_name
 
 log = logging.getLogger("edge_ad.serve")
 
 APP_NAME = "edge-ad"
 GROUP_ID = "edge-ad-serve"
-_PRODUCT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _LATENCY_WINDOW = 10_000
 
 
@@ -394,7 +393,7 @@ class FrameIngress:
             return dlq(
                 f"product {frame.product!r} is not served here (serving {', '.join(served)})"
             )
-        if not _PRODUCT.match(frame.product):
+        if not is_product_name(frame.product):
             return dlq(f"product {frame.product!r} is not a valid product name")
         started = time.perf_counter()
         version = self._call(lambda: self.versions.version(frame.product), None)

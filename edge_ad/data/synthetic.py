@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import tempfile
 import zlib
@@ -43,7 +42,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from edge_ad.errors import DatasetError
+from edge_ad.errors import DatasetError, EdgeADError
+from edge_ad.names import check_product_name
 
 __all__ = [
     "DEFECT_TYPES",
@@ -67,7 +67,6 @@ MIN_DEFECT_PIXELS = 20
 
 SYNTH_JSON = "synth.json"
 _FORMAT_VERSION = 1
-_PRODUCT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MASK_THRESHOLD = 0.15  # coverage above which a pixel belongs to the mask
 _MAX_ATTEMPTS = 32
 _MIN_AREA = {"crack": 0.0015, "scratch": 0.0006}  # fraction of the image; smaller is redrawn
@@ -86,12 +85,10 @@ def product_seed(product: str) -> int:
 
 
 def _check_product(product: str) -> str:
-    if not isinstance(product, str) or not _PRODUCT_RE.fullmatch(product):
-        raise DatasetError(
-            f"invalid product name {product!r}: use letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return product
+    try:
+        return check_product_name(product)
+    except EdgeADError as err:
+        raise DatasetError(str(err)) from None
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
