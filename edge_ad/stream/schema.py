@@ -18,7 +18,9 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from edge_ad.errors import EdgeADError
 
@@ -127,13 +129,6 @@ def dlq_headers(headers: Headers | None, error: str) -> list[tuple[str, bytes]]:
     return [*kept, (ERROR_HEADER, reason.encode())]
 
 
-_OPTIONAL = ("boxes", "latency_ms", "ts", "severity_distance", "heatmap")
-
-
-def _optional(value: Any, kind: type) -> Any:
-    return None if value is None else kind(value)
-
-
 @dataclass
 class Verdict:
     """What edge-ad says about one frame (the verdicts topic's JSON)."""
@@ -162,33 +157,71 @@ class Verdict:
 
     @classmethod
     def from_json(cls, data: bytes) -> Verdict:
+        """Parse a verdict read from the topic, which anyone with write access can fill:
+        strict types (``"false"`` is not a bool, ``"abc"`` not a list of boxes), finite
+        numbers, bounded sizes; anything else is a :class:`BadVerdict` saying why."""
+        if len(data) > MAX_VERDICT_BYTES:
+            raise BadVerdict(f"verdict is {len(data):,} bytes, over {MAX_VERDICT_BYTES:,}")
         try:
             raw = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise BadVerdict(f"verdict is not JSON: {err}") from None
+        except RecursionError:
+            raise BadVerdict("verdict JSON is nested too deeply") from None
         if not isinstance(raw, dict):
             raise BadVerdict("verdict JSON is not an object")
-        names = [f for f in cls.__dataclass_fields__]
-        required = [f for f in names if f not in _OPTIONAL]
-        missing = [f for f in required if f not in raw]
-        if missing:
-            raise BadVerdict(f"verdict lacks field(s): {', '.join(missing)}")
         try:
-            return cls(
-                frame_id=str(raw["frame_id"]),
-                product=str(raw["product"]),
-                camera=str(raw["camera"]),
-                line=str(raw["line"]),
-                model_version=str(raw["model_version"]),
-                score=float(raw["score"]),
-                threshold=float(raw["threshold"]),
-                is_anomalous=bool(raw["is_anomalous"]),
-                timestep=int(raw["timestep"]),
-                boxes=list(raw.get("boxes", [])),
-                latency_ms=float(raw.get("latency_ms", 0.0)),
-                ts=float(raw.get("ts", 0.0)),
-                severity_distance=_optional(raw.get("severity_distance"), float),
-                heatmap=_optional(raw.get("heatmap"), str),
-            )
-        except (TypeError, ValueError) as err:
-            raise BadVerdict(f"verdict field has the wrong type: {err}") from None
+            wire = _VerdictWire.model_validate(raw)
+        except ValidationError as err:
+            errors = err.errors()
+            missing = [str(e["loc"][0]) for e in errors if e["type"] == "missing"]
+            if missing:
+                raise BadVerdict(f"verdict lacks field(s): {', '.join(missing)}") from None
+            where = ".".join(str(p) for p in errors[0]["loc"])
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise BadVerdict(
+                f"verdict field {where} has the wrong type or value: {errors[0]['msg']}{more}"
+            ) from None
+        return cls(**wire.model_dump())
+
+
+#: A verdict with its heatmap thumbnail is a few kB; anything this large is not one.
+MAX_VERDICT_BYTES = 1_000_000
+_Text = Annotated[str, StringConstraints(max_length=MAX_HEADER_CHARS)]
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Box(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    w: int = Field(ge=0)
+    h: int = Field(ge=0)
+
+
+class _VerdictWire(BaseModel):
+    """The verdict JSON as validated on read (the fields of :class:`Verdict`)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    frame_id: _Text
+    product: _Text
+    camera: _Text
+    line: _Text
+    model_version: _Text
+    score: _Finite
+    threshold: _Finite
+    is_anomalous: bool
+    timestep: int = Field(ge=0, le=100_000)
+    boxes: list[_Box] = Field(default_factory=list, max_length=1000)
+    latency_ms: _Finite = 0.0
+    ts: _Finite = 0.0
+    severity_distance: _Finite | None = None
+    heatmap: Annotated[str, StringConstraints(max_length=MAX_VERDICT_BYTES)] | None = None
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        out = super().model_dump(**kwargs)
+        # Boxes go back to plain dicts, as the scorer wrote them (extra keys kept).
+        out["boxes"] = [box.model_dump() for box in self.boxes]
+        return out

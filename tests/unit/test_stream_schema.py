@@ -107,3 +107,34 @@ def test_verdict_json_round_trip_and_validation() -> None:
     bad = {**data, "score": "high"}
     with pytest.raises(BadVerdict, match="wrong type"):
         Verdict.from_json(json.dumps(bad).encode())
+
+
+def _verdict_json(**changes: object) -> bytes:
+    base = json.loads(Verdict("f-1", "pcb1", "cam-a", "line-3", "2", 4.2, 3.9, True, 40).to_json())
+    return json.dumps({**base, **changes}).encode()
+
+
+@pytest.mark.parametrize(
+    ("data", "word"),
+    [
+        (_verdict_json(is_anomalous="false"), "is_anomalous has the wrong type"),
+        (_verdict_json(boxes="abc"), "boxes has the wrong type"),
+        (_verdict_json(score=1).replace(b'"score": 1,', b'"score": 1e400,'), "score"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (_verdict_json(frame_id="x" * 10_000), "frame_id has the wrong type or value"),
+        (_verdict_json(heatmap="A" * 2_000_000), "over 1,000,000"),
+        (_verdict_json(timestep=-5), "timestep"),
+    ],
+    ids=["bool-as-text", "boxes-as-text", "1e400", "deep-nesting", "long-id", "huge", "t<0"],
+)
+def test_verdict_reader_is_strict_and_never_crashes(data: bytes, word: str) -> None:
+    """Before: "false" became True, "abc" three boxes, and 1e400 or deep nesting crashed."""
+    with pytest.raises(BadVerdict, match=word):
+        Verdict.from_json(data)
+
+
+def test_verdict_reader_keeps_what_the_scorer_writes() -> None:
+    """Box extras (area, score) and int-valued floats read back as written."""
+    box = {"x": 1, "y": 2, "w": 3, "h": 4, "area": 12, "score": 5.5}
+    verdict = Verdict.from_json(_verdict_json(boxes=[box], score=4, severity_distance=None))
+    assert verdict.boxes == [box] and verdict.score == 4.0
