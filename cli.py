@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from edge_ad.errors import EdgeADError
@@ -25,6 +26,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _plain(value: object) -> str:
+    """Text from outside (a frame id, a header, a path, an error naming one) for a rich
+    print: its brackets are escaped, so ``[/]`` cannot crash the print and ``[link=…]``
+    cannot render a link."""
+    return escape(str(value))
+
+
 class _Group(TyperGroup):
     """Turns user-facing errors into one red line and an exit code, for every subcommand."""
 
@@ -32,7 +40,7 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except EdgeADError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {_plain(err)}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
 
 
@@ -384,9 +392,9 @@ def infer(
         mark = "[bold red]DEFECT[/]" if v["is_anomalous"] else "[green]ok[/]"
         console.print(
             f"{mark:>22} score {v['score']:.3f} (thr {v['threshold']:.3f}) T̂={v['timestep']} "
-            f"boxes={len(v['boxes'])}  {v['image']}"
+            f"boxes={len(v['boxes'])}  {_plain(v['image'])}"
         )
-    console.print(f"overlays and JSON in {out}")
+    console.print(f"overlays and JSON in {_plain(out)}")
 
 
 # ----------------------------------------------------------------------------- registry
@@ -673,7 +681,8 @@ def replay(
 def _verdict_row(v: Any) -> str:
     mark = "[bold red]DEFECT[/]" if v.is_anomalous else "[green]ok    [/]"
     return (
-        f"{mark} {v.frame_id:<24} {v.product:<12} v{v.model_version:<3} score {v.score:6.2f} / "
+        f"{mark} {_plain(f'{v.frame_id:<24}')} {_plain(f'{v.product:<12}')} "
+        f"v{_plain(f'{v.model_version:<3}')} score {v.score:6.2f} / "
         f"{v.threshold:5.2f}  T̂={v.timestep:<3} boxes {len(v.boxes):<2} {v.latency_ms:7.0f} ms"
     )
 
@@ -700,9 +709,11 @@ def verdicts(
         shown = 0
         for record in read_topic(DLQ_TOPIC, bootstrap_servers, follow=follow, stop=stop.is_set):
             headers = {k: bytes(v or b"").decode("utf-8", "replace") for k, v in record.headers}
+            frame_id = f"{headers.get('frame_id', '?'):<24}"
+            from_product = f"{headers.get('product', '?'):<12}"
             console.print(
-                f"[yellow]DLQ[/] {headers.get('frame_id', '?'):<24} "
-                f"{headers.get('product', '?'):<12} {headers.get(ERROR_HEADER, '?')}",
+                f"[yellow]DLQ[/] {_plain(frame_id)} {_plain(from_product)} "
+                f"{_plain(headers.get(ERROR_HEADER, '?'))}",
                 highlight=False,
             )
             shown += 1

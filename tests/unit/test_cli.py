@@ -223,3 +223,24 @@ def test_download_offline_is_a_clear_error(tmp_path: Path, run_cli: RunCli) -> N
     )
     assert result.returncode != 0
     assert "could not download" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_untrusted_text_is_printed_as_text_not_markup(run_cli: RunCli, tmp_path: Path) -> None:
+    """Before: a frame_id ``[/]`` crashed ``edge-ad verdicts`` on every re-read, ``[link=…]``
+    rendered a link, and an error naming a path with ``[/]`` ended in a traceback."""
+    from rich.console import Console
+
+    from cli import _verdict_row
+    from edge_ad.stream.schema import Verdict
+
+    shown = Console(record=True, width=200, color_system="truecolor")
+    for frame_id in ("[/]", "[link=https://evil.example]click[/link]"):
+        shown.print(_verdict_row(Verdict(frame_id, "p", "c", "l", "1", 1.0, 2.0, False, 20)))
+    text = shown.export_text()
+    assert "[/]" in text and "[link=https://evil.example]click[/link]" in text
+    assert 'href="https://evil.example' not in shown.export_html()
+    result = run_cli(
+        "infer", "--model", str(tmp_path), str(tmp_path / "[/]frame.png"), "--out", str(tmp_path)
+    )
+    assert result.returncode == 1, result.stderr
+    assert "[/]frame.png" in result.stderr and "Traceback" not in result.stderr
