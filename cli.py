@@ -379,12 +379,13 @@ def infer(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Score images: heatmap overlay PNG + JSON (score, verdict, T̂, defect boxes) per image."""
-    from edge_ad.engine import infer_images, resolve_model
+    from edge_ad.engine import check_infer_output, infer_images, resolve_model
     from edge_ad.progress import progress_callback
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise EdgeADError(f"image not found: {', '.join(missing[:3])}")
+    check_infer_output(images, out)
     bundle = resolve_model(model, tracking_uri=tracking_uri)
     with progress_callback("scoring") as callback:
         verdicts = infer_images(bundle, images, out, progress=callback)

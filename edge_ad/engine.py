@@ -267,6 +267,22 @@ def _output_names(paths: Sequence[Path]) -> list[str]:
     return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
+def check_infer_output(paths: Sequence[str | Path], out: str | Path) -> Path:
+    """``out`` if overlays and JSON may be written there: a folder (or nothing yet), and not
+    the folder of any image being scored (overlays are ``<stem>.png``: they would replace
+    the inputs)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EdgeADError(f"--out {out} is a file; name a folder for the overlays and JSON")
+    inside = [p for p in map(Path, paths) if p.resolve().parent == out.resolve()]
+    if inside:
+        raise EdgeADError(
+            f"--out {out} holds the images being scored ({inside[0].name}, ...); "
+            "name another folder so no input is overwritten"
+        )
+    return out
+
+
 def infer_images(
     bundle: Bundle,
     paths: Sequence[str | Path],
@@ -278,7 +294,7 @@ def infer_images(
     ``<stem>.json`` per image into ``out``; return the verdicts."""
     detector = bundle.detector
     size = detector.settings.data.image_size
-    out = Path(out)
+    out = check_infer_output(paths, out)
     out.mkdir(parents=True, exist_ok=True)
     verdicts = []
     names = _output_names([Path(p) for p in paths])

@@ -176,6 +176,13 @@ def test_missing_model_and_images(tmp_path: Path, run_cli: RunCli) -> None:
         str(tmp_path / "o"),
     )
     assert result.returncode != 0 and "does not exist" in result.stderr
+    # Before: --out the images' own folder overwrote them; --out a file gave a traceback.
+    result = run_cli("infer", "--model", str(tmp_path / "m"), str(img), "--out", str(tmp_path))
+    assert result.returncode == 1 and "no input is overwritten" in result.stderr
+    assert img.read_bytes() == b"not really a png"
+    result = run_cli("infer", "--model", str(tmp_path / "m"), str(img), "--out", str(img))
+    assert result.returncode == 1 and "is a file" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_data_synth_then_info_reads_it_back(tmp_path: Path) -> None:
