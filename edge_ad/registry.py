@@ -566,13 +566,8 @@ def list_versions(product: str | None = None, uri: str | None = None) -> list[Ve
             found = _find_registered_model(client, product)
             models = [found] if found is not None else []
         else:
-            models = _all_pages(
-                lambda t: client.search_registered_models(f"name LIKE '{PREFIX}%'", page_token=t)
-            )
+            models = _edge_models(client)
         out: list[tuple[int, VersionInfo]] = []
-        # A model registered outside edge-ad under a name it would refuse (a quote breaks
-        # the version search's filter) is not one of ours: skip it, list the others.
-        models = [m for m in models if is_product_name(_product_of(m.name))]
         for rm in sorted(models, key=lambda m: m.name):
             aliases = _aliases_by_version(rm)
             for mv in _versions(client, rm.name):
@@ -588,6 +583,25 @@ def list_versions(product: str | None = None, uri: str | None = None) -> list[Ve
                 )
                 out.append((mv.creation_timestamp or 0, info))
     return [info for _, info in sorted(out, key=lambda p: (-p[0], p[1].name, -p[1].version))]
+
+
+def registered_products(uri: str | None = None) -> set[str]:
+    """Every product with an ``edge-ad-*`` registered model, in one search (names that break
+    the product-name rule are left out)."""
+    resolved = tracking_uri(uri)
+    client = _client(resolved)
+    with _friendly(resolved):
+        return {_product_of(m.name) for m in _edge_models(client)}
+
+
+def _edge_models(client: MlflowClient) -> list[RegisteredModel]:
+    """Every ``edge-ad-*`` registered model whose product follows the name rule. A model
+    registered outside edge-ad under a name it would refuse (a quote breaks the version
+    search's filter) is not one of ours: it is skipped, not allowed to break the listing."""
+    models = _all_pages(
+        lambda t: client.search_registered_models(f"name LIKE '{PREFIX}%'", page_token=t)
+    )
+    return [m for m in models if is_product_name(_product_of(m.name))]
 
 
 def alias_version(product: str, alias: str = PRODUCTION, uri: str | None = None) -> int | None:

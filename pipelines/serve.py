@@ -264,6 +264,7 @@ class FrameIngress:
         self.versions = AliasWatcher(
             lambda p: registry.alias_version(p, options.alias, options.tracking_uri),
             options.alias_poll_s,
+            known=lambda: registry.registered_products(options.tracking_uri),
         )
         self.stats = IngressStats()
         self._stats_lock = threading.Lock()

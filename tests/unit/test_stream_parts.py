@@ -410,3 +410,27 @@ def test_alias_watcher_asks_the_registry_once_when_many_frames_find_it_expired()
         t.join(5)
     assert answers == [7] * 8
     assert calls == ["pcb1"]
+
+
+def test_alias_cache_is_bounded_and_unknown_products_are_not_looked_up() -> None:
+    """Before: every product name seen in a header stayed cached and cost a registry query
+    (a flood of made-up names = unbounded memory and a query each)."""
+    clock = _Clock()
+    registry = _Registry({f"p{i}": i for i in range(10)})
+    listings = []
+
+    def known() -> set[str]:
+        listings.append(clock.now)
+        return set(registry.versions)
+
+    watcher = AliasWatcher(registry, ttl_s=2.0, clock=clock, max_products=4, known=known)
+    for i in range(10):
+        assert watcher.version(f"p{i}") == i
+    assert len(watcher._cache) == 4 and len(watcher._lookups) <= 5
+    for i in range(1000):
+        assert watcher.version(f"made-up-{i}") is None
+    assert set(registry.calls) == {f"p{i}" for i in range(10)}  # no lookup for made-up names
+    assert len(listings) == 1  # one listing per ttl for all of them
+    clock.now += 2.0
+    registry.versions["new"] = 7  # registered meanwhile: seen after the next listing
+    assert watcher.version("new") == 7 and len(listings) == 2
