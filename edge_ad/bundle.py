@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import edge_ad
@@ -41,6 +41,10 @@ from edge_ad.models.backbone import FeatureBackbone
 FORMAT = "edge-ad-bundle"
 FORMAT_VERSION = 1
 META_FILE, WEIGHTS_FILE, STATE_FILE = "bundle.json", "weights.safetensors", "state.safetensors"
+#: Parameters a bundle may describe beyond the weights it stores (a backbone whose weights
+#: come from its package, buffers): 100 M = 400 MB at float32; an edited architecture that
+#: would allocate gigabytes is refused before anything is built.
+MAX_UNSTORED_PARAMETERS = 100_000_000
 
 
 @dataclass
@@ -166,7 +170,7 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
         raise EdgeADError(f"bundle {path} has no calibrated threshold; train it again")
     try:
         detector = _rebuild(path, meta)
-    except (KeyError, RuntimeError, ValueError, SafetensorError) as err:
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, SafetensorError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise EdgeADError(f"bundle {path} is corrupt or incompatible: {reason}") from None
     detector.eval().requires_grad_(False)
@@ -193,6 +197,32 @@ def _require_finite(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
             raise ValueError(f"state {key} holds NaN or infinite values")
 
 
+def _require_weights_fit(path: Path, method: str, settings: Any, meta: dict[str, Any]) -> None:
+    """The architecture bundle.json describes must be about the size of the weights stored
+    beside it. Checked on PyTorch's meta device (shapes only, no memory): an edited
+    ``block_out_channels`` would otherwise allocate gigabytes before the load fails."""
+    with safe_open(str(path / WEIGHTS_FILE), "pt") as weights:
+        stored = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
+    with torch.device("meta"):
+        b = meta.get("backbone")
+        backbone = FeatureBackbone(b["name"], b["layers"], weights=None) if b else None
+        shell = detector_class(method).from_meta(settings, meta, backbone)
+    needed = sum(p.numel() for p in shell.parameters())
+    if needed > stored + MAX_UNSTORED_PARAMETERS:
+        raise ValueError(
+            f"bundle.json describes {needed:,} parameters but the weights hold {stored:,}"
+        )
+
+
+def _require_local_backbone(name: Any) -> None:
+    """A bundle's backbone must be one timm builds from its own code: a ``hf-hub:`` (or any
+    other ``scheme:``) name would make loading fetch a config over the network."""
+    import timm
+
+    if not isinstance(name, str) or ":" in name or not timm.is_model(name):
+        raise ValueError(f"backbone {name!r} is not a timm architecture built offline")
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -205,8 +235,10 @@ def _rebuild(path: Path, meta: dict[str, Any]) -> Detector:
     backbone = None
     if meta.get("backbone"):
         b = meta["backbone"]
+        _require_local_backbone(b["name"])
         backbone = FeatureBackbone(b["name"], b["layers"], weights=None)
         backbone.weights_source = b.get("weights_source", "bundle")
+    _require_weights_fit(path, method, settings, meta)
     detector = detector_class(method).from_meta(settings, meta, backbone)
     state = load_file(str(path / STATE_FILE))
     _require_finite(state, meta)

@@ -730,7 +730,15 @@ def _bundle_dir(model_dir: Path) -> Path:
     relative = flavor.get("artifacts", {}).get(BUNDLE_ARTIFACT, {}).get("path")
     if relative is None:
         raise EdgeADError(f"{model_dir} is not an edge-ad model (no {BUNDLE_ARTIFACT} artifact)")
-    return model_dir / relative
+    # The MLmodel file came from the store: its artifact path must stay inside the model
+    # directory (an absolute path or ../ would load whatever lies there).
+    bundle = (model_dir / str(relative)).resolve()
+    if not bundle.is_relative_to(model_dir.resolve()):
+        raise EdgeADError(
+            f"{model_dir}/MLmodel points its {BUNDLE_ARTIFACT} artifact outside the model "
+            f"({relative!r}); refusing to load it"
+        )
+    return bundle
 
 
 def _download(uri: str, name: str, mv: ModelVersion) -> Path:

@@ -184,3 +184,59 @@ def test_a_nan_score_is_a_bad_frame_never_a_normal_verdict(
     verdict = Verdict("f", "p", "c", "l", "1", float("nan"), 1.0, False, 20)
     with pytest.raises(ValueError, match="JSON compliant"):
         verdict.to_json()
+
+
+@pytest.mark.parametrize(
+    ("edit", "word"),
+    [
+        (
+            lambda meta: meta["backbone"].update(name="hf-hub:timm/resnet34"),
+            "not a timm architecture built offline",
+        ),
+        (
+            lambda meta: meta["unet_config"].update(
+                block_out_channels=[8192] * len(meta["unet_config"]["block_out_channels"])
+            ),
+            "parameters but the weights hold",
+        ),
+        (lambda meta: meta.update(unet_config="abc"), "corrupt or incompatible"),
+        (lambda meta: meta["backbone"].update(layers="two"), "corrupt or incompatible"),
+    ],
+    ids=["hub-backbone", "huge-unet", "config-not-a-dict", "layers-not-a-list"],
+)
+def test_hostile_bundle_json_is_refused_before_building(
+    fitted: tuple[D3AD, HistoryObserver], tmp_path: Path, edit, word: str
+) -> None:
+    """Before: a hub backbone name made an HTTP request, a 6 kB edit of block_out_channels
+    allocated 6.5 GB before failing, and wrong types gave tracebacks."""
+    import resource
+
+    path = save_bundle(fitted[0], tmp_path / "b", "widget")
+    meta = json.loads((path / "bundle.json").read_text())
+    edit(meta)
+    (path / "bundle.json").write_text(json.dumps(meta))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(EdgeADError, match=word):
+        load_bundle(path)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+    assert grown_mb < 500, f"refusing the bundle grew the peak RSS by {grown_mb:.0f} MB"
+
+
+def test_an_mlmodel_pointing_outside_its_folder_is_refused(tmp_path: Path) -> None:
+    """Before: an MLmodel whose bundle artifact path was absolute was followed."""
+    from edge_ad.registry import _bundle_dir
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for target in ("/etc", "../elsewhere"):
+        (model_dir / "MLmodel").write_text(
+            "flavors:\n  python_function:\n    loader_module: mlflow.pyfunc.model\n"
+            f"    artifacts:\n      bundle:\n        path: {target}\n        uri: x\n"
+        )
+        with pytest.raises(EdgeADError, match="outside the model"):
+            _bundle_dir(model_dir)
+    (model_dir / "MLmodel").write_text(
+        "flavors:\n  python_function:\n    loader_module: mlflow.pyfunc.model\n"
+        "    artifacts:\n      bundle:\n        path: artifacts/b\n        uri: x\n"
+    )
+    assert _bundle_dir(model_dir) == (model_dir / "artifacts" / "b").resolve()
