@@ -444,3 +444,33 @@ def test_missing_kubectl_fails_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(pytest.fail.Exception, match="kubectl is not on PATH"):
         render(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kustomization", KUSTOMIZATIONS, ids=[str(p.relative_to(K8S)) for p in KUSTOMIZATIONS]
+)
+def test_ray_pods_are_reachable_only_from_ray_pods_submitter_and_operator(
+    kustomization: Path,
+) -> None:
+    """Before: RayService/RayJob set dashboard-host 0.0.0.0 and no NetworkPolicy selected the
+    Ray pods, so any pod in the cluster could submit a job (run code) on them."""
+    objects = render(kustomization)
+    ray_node = {"ray.io/is-ray-node": "yes"}
+    policies = [
+        o
+        for o in objects
+        if o["kind"] == "NetworkPolicy" and o["spec"]["podSelector"].get("matchLabels") == ray_node
+    ]
+    assert len(policies) == 1, "one NetworkPolicy must select the Ray pods"
+    spec = policies[0]["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    for rule in spec["ingress"]:
+        assert rule.get("from"), "an ingress rule without 'from' admits every pod"
+        for peer in rule["from"]:
+            assert peer.get("podSelector", {}).get("matchLabels"), peer
+    submitters = [
+        o["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+        for o in objects
+        if o["kind"] == "RayJob"
+    ]
+    assert submitters and all(s.get("edge-ad/ray-submitter") == "true" for s in submitters)
