@@ -83,3 +83,25 @@ def run_cli(edge_home: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def png_bomb() -> Callable[[int], bytes]:
+    """``png_bomb(side)``: a 16-bit greyscale PNG of side × side black pixels, a few hundred
+    kB on the wire and 2 × side² bytes once decoded (written row by row, never held whole)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    def make(side: int) -> bytes:
+        ihdr = struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0)
+        packer = zlib.compressobj(9)
+        row = bytes(1 + 2 * side)
+        body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+        signature = b"\x89PNG\r\n\x1a\n"
+        return signature + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+    return make

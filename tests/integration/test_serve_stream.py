@@ -241,3 +241,103 @@ def test_promoting_a_new_version_mid_stream_switches_without_losing_frames(line:
     # A frame sent after the promotion plus one alias lookup period must be on version 2.
     late = [s for s in sent if s.sent_at > promoted_at + ALIAS_POLL_S + 0.2]
     assert late and all(by_id[s.frame_id].model_version == "2" for s in late)
+
+
+def _hostile_frames(
+    line: Line, run: str, good: bytes, bomb: bytes, count: int
+) -> list[tuple[bytes, bytes, list]]:
+    """``count`` (key, value, headers) records that must each end in the DLQ: not images,
+    decompression bombs, wrong formats, slivers, broken or missing headers, made-up products,
+    markup in ids, garbage timestamps. Each key is unique, so the DLQ record is traceable."""
+    import io
+
+    from PIL import Image
+
+    gif = io.BytesIO()
+    Image.new("RGB", (line.image_size, line.image_size)).save(gif, "GIF")
+    sliver = encode_image(np.zeros((4, 4 * line.image_size, 3), dtype=np.uint8))
+    kinds = [
+        ("not-image", lambda i: (b"%d not an image" % i, {})),
+        ("truncated", lambda i: (good[: len(good) // 2], {})),
+        ("bomb", lambda i: (bomb, {})),
+        ("gif", lambda i: (gif.getvalue(), {})),
+        ("sliver", lambda i: (sliver, {})),
+        ("empty", lambda i: (b"", {})),
+        ("made-up-product", lambda i: (good, {"product": f"ghost-{run}-{i}"})),
+        ("bad-product-name", lambda i: (good, {"product": "../../etc"})),
+        ("ts", lambda i: (good, {"ts": "-1e18"})),
+        ("no-frame-id", lambda i: (good, {"frame_id": None})),
+    ]
+    records = []
+    for i in range(count):
+        _, make = kinds[i % len(kinds)]
+        value, changes = make(i)
+        key = f"hostile-{run}-{i}"
+        fields = {
+            "product": PRODUCT,
+            "frame_id": f"[/][link=https://evil.example]{key}",
+            "line": "l1",
+            "camera": key,
+            "ts": str(time.time()),
+        } | changes
+        headers = [(k, v.encode()) for k, v in fields.items() if v is not None]
+        records.append((key.encode(), value, headers))
+    return records
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("VmHWM:"):
+            return int(row.split()[1]) / 1024
+    return float("nan")
+
+
+def test_a_thousand_hostile_frames_among_good_ones(line: Line, png_bomb) -> None:
+    """1,000 malformed, oversized and hostile frames interleaved with 100 good ones: 100
+    verdicts, 1,000 DLQ records each with a reason, the scorer's memory bounded."""
+    import ray
+
+    run = str(next(line.seeds))
+    images = synthetic_images(PRODUCT, line.image_size, 0.0, seed=int(run))
+    good_images = [encode_image(img) for img, _, _ in itertools.islice(images, 100)]
+    bomb = png_bomb(6000)  # 72 MB once decoded, ~70 kB on the wire
+    hostile = _hostile_frames(line, run, good_images[0], bomb, 1000)
+    scorer_pid = ray.get(_replica_actor("scorer").__ray_call__.remote(lambda self: os.getpid()))
+    before_mb = _vm_hwm_mb(scorer_pid)
+    producer = make_producer(line.bootstrap)
+    good_ids = set()
+    for i, (key, value, headers) in enumerate(hostile):
+        producer.send(FRAMES_TOPIC, value, key=key, headers=headers)
+        if i % 10 == 9:
+            frame_id = f"good-{run}-{i // 10}"
+            good_ids.add(frame_id)
+            fields = {"product": PRODUCT, "frame_id": frame_id, "line": "l1", "camera": "cam-g"}
+            fields["ts"] = str(time.time())
+            producer.send(
+                FRAMES_TOPIC,
+                good_images[i // 10],
+                key=b"cam-g",
+                headers=[(k, v.encode()) for k, v in fields.items()],
+            )
+    producer.flush()
+    producer.close()
+
+    verdicts = _verdicts(line, good_ids, timeout_s=300)
+    assert {v.frame_id for v in verdicts} == good_ids and len(verdicts) == 100
+    keys = {k.decode() for k, _, _ in hostile}
+    reasons: dict[str, str] = {}
+    deadline = time.monotonic() + 120
+    while set(reasons) != keys and time.monotonic() < deadline:
+        for record in read_topic(DLQ_TOPIC, line.bootstrap):
+            key = (record.key or b"").decode()
+            if key in keys:
+                reasons[key] = dict(record.headers)[ERROR_HEADER].decode()
+    assert set(reasons) == keys, f"{len(keys - set(reasons))} hostile frames have no DLQ record"
+    assert all(r.strip() for r in reasons.values())
+    peak_mb = _vm_hwm_mb(scorer_pid)
+    print(
+        f"hostile stream: 100 verdicts, {len(reasons)} DLQ records; scorer peak RSS "
+        f"{before_mb:.0f} → {peak_mb:.0f} MB; reasons e.g. "
+        + " | ".join(sorted({r[:60] for r in reasons.values()})[:12])
+    )
+    assert peak_mb - before_mb < 500
