@@ -480,8 +480,13 @@ class Detector(nn.Module):
             "val_score_mean": float(scores.mean()),
             "val_score_max": float(scores.max()),
         }
+        summary |= self.calibration_summary()
         observer.stage_end("calibration", summary)
         return summary
+
+    def calibration_summary(self) -> dict[str, float]:
+        """What the method chose during calibration, for the train summary and MLflow."""
+        return {}
 
     def calibration_scores(
         self,

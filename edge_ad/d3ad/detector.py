@@ -13,8 +13,11 @@ threshold). ``predict`` follows the data flow:
     ─▶ score = max A, anomalous iff score ≥ threshold
 
 w = ``anomaly_map.memory_weight``; each term is normalised with the statistics of held-out
-normal images. With w = 0 and ``severity.mode=pooled`` this is the paper's D3AD exactly (the
-``paper`` profile keeps it reachable).
+normal images. ``auto`` (the default) chooses w at calibration on synthetic anomalies pasted
+into the held-out normals (:mod:`edge_ad.d3ad.fusion_weight`); at w = 1 the map is the memory's
+alone and the encode and diffusion stages are skipped (T̂ is still chosen and reported).
+With w = 0 and ``severity.mode=pooled`` this is the paper's D3AD exactly (the ``paper``
+profile keeps it reachable).
 
 Two latent spaces (``latent.space``): ``vae`` (above: an autoencoder's latents, the paper's) and
 ``features``, where z0 is the backbone's stride-8/16 patch features φ(x) projected by a fixed
@@ -30,8 +33,9 @@ takes the same number of DDIM steps, so nothing is split into T̂ groups.
 projection), UNet, domain adaptation of φ (``vae`` space), the patch memory (and, pooled
 mode, the KNN severity index) over every training image,
 then calibration on normal images the detector did not learn from: the held-out validation
-images, plus training images scored leave-one-image-out against the memory (never the test
-set, unlike the reference code).
+images (and, for ``memory_weight=auto``, synthetic anomalies pasted into them), plus training
+images scored leave-one-image-out against the memory (never the test set, unlike the
+reference code).
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ from diffusers import AutoencoderKL, UNet2DModel
 from edge_ad.config import Settings
 from edge_ad.d3ad.adapt import adapt_backbone
 from edge_ad.d3ad.anomaly_map import MapNormalizer, feature_distance, latent_distance
+from edge_ad.d3ad.fusion_weight import (
+    MIN_SYNTHETIC,
+    WeightChoice,
+    choose_memory_weight,
+    synthetic_anomalies,
+)
 from edge_ad.d3ad.observer import FitObserver
 from edge_ad.d3ad.reconstruct import reconstruct_latents
 from edge_ad.d3ad.severity import (
@@ -100,6 +110,8 @@ class D3AD(LatentDiffusionDetector):
         self.normalizer = normalizer or MapNormalizer()
         # (μ, σ) of the raw memory map over the validation normals' pixels (NaN: not fitted).
         self.memory_stats = (math.nan, math.nan)
+        # memory_weight=auto: the w calibration chose (None: not calibrated yet).
+        self.weight_choice: WeightChoice | None = None
         layers = list(backbone.layers)
         if settings.backbone.severity_layer not in layers:
             raise EdgeADError(f"severity layer {settings.backbone.severity_layer} not in {layers}")
@@ -108,7 +120,7 @@ class D3AD(LatentDiffusionDetector):
 
     @classmethod
     def wants_memory(cls, settings: Settings) -> bool:
-        return settings.severity.mode == "patch" or settings.anomaly_map.memory_weight > 0
+        return settings.severity.mode == "patch" or settings.anomaly_map.memory_weight != 0
 
     @classmethod
     def backbone_layers(cls, settings: Settings) -> list[int]:
@@ -119,25 +131,53 @@ class D3AD(LatentDiffusionDetector):
         )
 
     @property
+    def auto_weight(self) -> bool:
+        """Whether calibration chooses w (``memory_weight=auto``)."""
+        return self.uses_memory and self.settings.anomaly_map.memory_weight == "auto"
+
+    @property
     def memory_weight(self) -> float:
-        return self.settings.anomaly_map.memory_weight if self.uses_memory else 0.0
+        """w, the memory map's share in the fused map: the setting, or what calibration chose
+        (NaN until then)."""
+        if not self.uses_memory:
+            return 0.0
+        if self.auto_weight:
+            return self.weight_choice.weight if self.weight_choice else math.nan
+        return float(self.settings.anomaly_map.memory_weight)
+
+    @property
+    def _lowest_memory_weight(self) -> float:
+        """The smallest w the maps being computed may be fused with: w, or while ``auto`` is
+        still to choose, the smallest candidate (calibration needs every term of each)."""
+        if self.auto_weight and self.weight_choice is None:
+            return min(self.settings.anomaly_map.memory_weight_choices)
+        return self.memory_weight
 
     @property
     def feature_weight(self) -> float:
         """Share of the feature term f in the fused map, (1 − w)(1 − λ): at 0 the score needs
         neither x̂ = D(ẑ0) nor φ(x̂), and frames are not decoded unless x̂ is asked for."""
-        return (1.0 - self.memory_weight) * (1.0 - self.settings.anomaly_map.lam)
+        return (1.0 - self._lowest_memory_weight) * (1.0 - self.settings.anomaly_map.lam)
 
     def _state_fitted(self) -> bool:
         memory_ready = not self.memory_weight or math.isfinite(self.memory_stats[0])
-        return self.severity.bin_edges is not None and self.normalizer.fitted and memory_ready
+        weight_ready = self.weight_choice is not None or not self.auto_weight
+        return (
+            self.severity.bin_edges is not None
+            and self.normalizer.fitted
+            and memory_ready
+            and weight_ready
+        )
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         state = super().state_tensors()
         state |= add_prefix("severity", self.severity.state_dict())
         state |= add_prefix("normalizer", self.normalizer.to_arrays())
         if self.memory_weight:
-            state |= add_prefix("memory_norm", {"stats": np.asarray(self.memory_stats)})
+            norm = {"stats": np.asarray(self.memory_stats)}
+            if self.weight_choice is not None:
+                norm["weight"] = np.asarray([self.weight_choice.weight])
+            state |= add_prefix("memory_norm", norm)
         return state
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
@@ -148,8 +188,14 @@ class D3AD(LatentDiffusionDetector):
         else:
             self.severity = SeverityBins.from_state(severity)
         self.normalizer = MapNormalizer.from_arrays(strip_prefix("normalizer", state))
+        norm = strip_prefix("memory_norm", state)
+        if self.auto_weight:
+            weight = norm.get("weight")
+            if weight is None or weight.numel() != 1 or not 0 < float(weight[0]) <= 1:
+                raise EdgeADError("bundle state has no valid chosen memory weight")
+            self.weight_choice = WeightChoice(float(weight[0]), {})
         if self.memory_weight:
-            stats = strip_prefix("memory_norm", state).get("stats")
+            stats = norm.get("stats")
             if stats is None or stats.numel() != 2 or not bool(stats[1] > 0):
                 raise EdgeADError("bundle state has no valid memory map statistics")
             self.memory_stats = (float(stats[0]), float(stats[1]))
@@ -223,7 +269,8 @@ class D3AD(LatentDiffusionDetector):
         leave-one-image-out distances of training images); m_map is None without a memory.
         Where the feature term has no weight, f_map is zeros and x̂ is decoded only if
         ``reconstruction`` asks for it (None otherwise): decoding and φ(x̂) are a third of
-        the time of a frame.
+        the time of a frame. Where the memory has all the weight (w = 1), l_map is zeros too
+        and nothing is encoded or diffused unless x̂ is asked for.
         """
         assert self.backbone is not None
         timer = StageTimer(timings, self.device)
@@ -238,12 +285,19 @@ class D3AD(LatentDiffusionDetector):
                 memory_distances = self.memory.distances(embedding)
         with timer("severity"):
             distances, t_hat = self.choose_timesteps(feats, memory_distances)
+        x_hat = None
+        pixel_space = isinstance(self.codec, LatentCodec)
+        if not (reconstruction or self._lowest_memory_weight < 1):
+            # The memory alone makes the map: nothing to reconstruct.
+            assert memory_distances is not None  # w = 1 implies a memory
+            with timer("map"):
+                m_map = upsample(memory_distances[:, None].float().to(x.device), size)
+                zeros = torch.zeros_like(m_map)
+            return zeros, zeros, m_map, distances, t_hat, None
         with timer("encode"):
             z0 = self.encode(x, feats, embedding)
         with timer("diffusion"):
             z_hat = self.denoise(z0, torch.from_numpy(t_hat))
-        x_hat = None
-        pixel_space = isinstance(self.codec, LatentCodec)
         if pixel_space and (reconstruction or self.feature_weight > 0):
             with timer("decode"):
                 x_hat = self.codec.decode(z_hat)
@@ -288,11 +342,16 @@ class D3AD(LatentDiffusionDetector):
         )
 
     def combine(
-        self, l_map: torch.Tensor, f_map: torch.Tensor, m_map: torch.Tensor | None
+        self,
+        l_map: torch.Tensor,
+        f_map: torch.Tensor,
+        m_map: torch.Tensor | None,
+        memory_weight: float | None = None,
     ) -> torch.Tensor:
-        """The fused, blurred map (N, H, W) from the raw maps and the fitted statistics."""
+        """The fused, blurred map (N, H, W) from the raw maps and the fitted statistics, with
+        the memory share w (default: the detector's)."""
         m = self.settings.anomaly_map
-        w = self.memory_weight
+        w = self.memory_weight if memory_weight is None else memory_weight
         amap = self.normalizer.combine(l_map, f_map, m.lam, sigma=0.0)
         if w:
             assert m_map is not None
@@ -359,6 +418,14 @@ class D3AD(LatentDiffusionDetector):
         self.severity.fit(np.concatenate(vectors), k=s.k, num_bins=s.num_bins)
         observer.stage_end("knn", {"knn_k": float(self.severity.k)})
 
+    def calibration_count(self, val_images: torch.Tensor, index_images: torch.Tensor | None) -> int:
+        extra = self._synthetic_count(val_images) if self.auto_weight else 0
+        return super().calibration_count(val_images, index_images) + extra
+
+    @staticmethod
+    def _synthetic_count(val_images: torch.Tensor) -> int:
+        return max(len(val_images), MIN_SYNTHETIC)
+
     def calibration_scores(
         self,
         val_images: torch.Tensor,
@@ -370,14 +437,13 @@ class D3AD(LatentDiffusionDetector):
         1. memory distances of the validation images, and of training images leave-one-image-
            out (patch mode: the severity bins are fitted over both);
         2. raw maps of the validation images → the statistics each map is normalised with;
-        3. fused scores of the validation and leave-one-out images → (caller) the threshold.
+        3. ``memory_weight=auto``: raw maps of synthetic anomalies pasted into the validation
+           images → the memory share w (:func:`choose_memory_weight`);
+        4. fused scores of the validation and leave-one-out images → (caller) the threshold.
         """
         assert self.backbone is not None
         val_batches = list(val_images.split(8))
-        val_memory: list[torch.Tensor | None] = []
-        for b in val_batches:
-            feats = self.backbone(to_model_range(b).to(self.device))
-            val_memory.append(self.memory_distances(feats) if self.uses_memory else None)
+        val_memory = [self._memory_or_none(b) for b in val_batches]
         loo_images, loo_memory = self.leave_out_distances(index_images, FitObserver())
         if self.settings.severity.mode == "patch":
             assert isinstance(self.severity, SeverityBins)
@@ -388,13 +454,15 @@ class D3AD(LatentDiffusionDetector):
 
         raw = []
         for b, mem in zip(val_batches, val_memory, strict=True):
-            l_map, f_map, m_map, *_ = self.raw_maps(to_model_range(b).to(self.device), None, mem)
-            raw.append((l_map.cpu(), f_map.cpu(), None if m_map is None else m_map.cpu()))
+            raw.append(self._raw_cpu(b, mem))
             observer.advance("calibration", len(b))
         self.normalizer.fit([r[0] for r in raw], [r[1] for r in raw])
-        if self.memory_weight:
-            mean, std = pooled_mean_std([r[2] for r in raw if r[2] is not None])
+        memory_maps = [r[2] for r in raw if r[2] is not None]
+        if memory_maps:
+            mean, std = pooled_mean_std(memory_maps)
             self.memory_stats = (mean, std if std > MapNormalizer.MIN_STD else 1.0)
+        if self.auto_weight:
+            self.weight_choice = self._choose_weight(val_images, raw, observer)
 
         scores = [self.combine(*r).flatten(1).amax(dim=1) for r in raw]
         for start in range(0, len(loo_images), 8):
@@ -403,3 +471,44 @@ class D3AD(LatentDiffusionDetector):
             scores.append(self.combine(*maps[:3]).flatten(1).amax(dim=1).cpu())
             observer.advance("calibration", len(b))
         return torch.cat(scores).double().numpy()
+
+    def calibration_summary(self) -> dict[str, float]:
+        return self.weight_choice.summary() if self.weight_choice is not None else {}
+
+    def _memory_or_none(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Memory distances of uint8 images (None without a memory)."""
+        if not self.uses_memory:
+            return None
+        assert self.backbone is not None
+        return self.memory_distances(self.backbone(to_model_range(images).to(self.device)))
+
+    def _raw_cpu(
+        self, images: torch.Tensor, memory: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(l_map, f_map, m_map) of uint8 images, on the CPU."""
+        x = to_model_range(images).to(self.device)
+        l_map, f_map, m_map, *_ = self.raw_maps(x, None, memory)
+        return l_map.cpu(), f_map.cpu(), None if m_map is None else m_map.cpu()
+
+    def _choose_weight(
+        self,
+        val_images: torch.Tensor,
+        val_raw: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+        observer: FitObserver,
+    ) -> WeightChoice:
+        """w for ``memory_weight=auto``: each candidate's fused maps of the validation normals
+        and of synthetic anomalies pasted into them, scored against the pasted masks."""
+        count = self._synthetic_count(val_images)
+        frames, masks = synthetic_anomalies(val_images, self.settings.runtime.seed, count)
+        raw = list(val_raw)
+        for b in frames.split(8):
+            raw.append(self._raw_cpu(b, self._memory_or_none(b)))
+            observer.advance("calibration", len(b))
+
+        def fused(w: float) -> torch.Tensor:
+            return torch.cat([self.combine(*r, memory_weight=w) for r in raw])
+
+        m = self.settings.anomaly_map
+        return choose_memory_weight(
+            fused, len(val_images), masks, m.memory_weight_choices, m.memory_weight_margin
+        )

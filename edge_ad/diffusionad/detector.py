@@ -6,7 +6,8 @@
 Two UNet evaluations per frame instead of D3AD's ten, no feature backbone and no KNN: the fast
 method. Training: the autoencoder and the UNet as for every method (data-parallel under Ray
 Train; the UNet learns t < t_b + margin, not D3AD's t < 100), then the segmentation network on
-frames half of which carry a synthetic anomaly (synthesis.py), with the UNet frozen.
+frames half of which carry a synthetic anomaly (edge_ad.data.anomaly_synthesis), with the
+UNet frozen.
 
 Departures from the paper, each for a reason:
 
@@ -34,10 +35,10 @@ from torch import nn
 from edge_ad.config import Settings
 from edge_ad.d3ad.observer import FitObserver
 from edge_ad.d3ad.trainer import steps_per_epoch, to_model_range
+from edge_ad.data.anomaly_synthesis import synthesize_anomaly
 from edge_ad.detector import LatentDiffusionDetector, Scored, StageTimer, top_k_mean
 from edge_ad.diffusionad.one_step import norm_guided_x0
 from edge_ad.diffusionad.segmentation import SegmentationNet, mask_loss
-from edge_ad.diffusionad.synthesis import synthesize_anomaly
 from edge_ad.errors import EdgeADError
 from edge_ad.maps import gaussian_blur
 from edge_ad.models.backbone import FeatureBackbone

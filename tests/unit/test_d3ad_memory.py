@@ -38,7 +38,8 @@ def _fit(detector_cls, *overrides: str, method: str = "d3ad"):
 
 @pytest.fixture(scope="module")
 def patch_mode() -> D3AD:
-    return _fit(D3AD)[0]
+    # A fixed share: these tests are about the fused map, whatever auto would choose here.
+    return _fit(D3AD, "anomaly_map.memory_weight=0.8")[0]
 
 
 def test_patch_severity_sends_defective_frames_deeper(patch_mode: D3AD) -> None:
@@ -114,7 +115,7 @@ def test_without_a_feature_term_frames_are_decoded_only_when_asked() -> None:
 
 
 def test_a_weighted_feature_term_is_computed() -> None:
-    detector, _ = _fit(D3AD, "anomaly_map.lam=0.85")
+    detector, _ = _fit(D3AD, "anomaly_map.lam=0.85", "anomaly_map.memory_weight=0.8")
     assert detector.feature_weight > 0
     frames = _frames(range(95, 97), "stain")
     timings: dict[str, float] = {}

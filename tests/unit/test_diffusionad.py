@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from edge_ad.d3ad.reconstruct import alphas_cumprod
-from edge_ad.diffusionad.one_step import norm_guided_x0, one_step_x0
-from edge_ad.diffusionad.segmentation import SegmentationNet, focal_loss, mask_loss
-from edge_ad.diffusionad.synthesis import (
+from edge_ad.data.anomaly_synthesis import (
     generated_texture,
     perlin_mask,
     perlin_noise,
     synthesize_anomaly,
 )
+from edge_ad.diffusionad.one_step import norm_guided_x0, one_step_x0
+from edge_ad.diffusionad.segmentation import SegmentationNet, focal_loss, mask_loss
 
 ABAR = alphas_cumprod(0.0015, 0.0195, 1000).double()
 T_S, T_B = 200, 400

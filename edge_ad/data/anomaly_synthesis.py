@@ -1,4 +1,4 @@
-"""Synthetic anomalies for training DiffusionAD's segmentation network (DiffusionAD §3.4, Eq. 12):
+"""Synthetic anomalies on normal frames (DiffusionAD §3.4, Eq. 12, after DRAEM):
 
     S = β·(M ⊙ N) + (1 − β)·(M ⊙ A) + M̄ ⊙ N,        β ~ U(0.2, 0.8)
 
@@ -8,6 +8,9 @@ so A is either a GENERATED texture (fractal Perlin colour noise, stripes, checks
 with the paper's colour augmentations) or the frame's own shuffled strips (self-augmentation).
 Masks follow the reference code: Perlin noise at 2^k × 2^l cells (k, l ∈ 0..5), rotated,
 thresholded at 0.5; an empty mask is drawn again.
+
+DiffusionAD trains its segmentation network on them; D3AD's calibration scores its fused map
+on them to choose how much the reconstruction term may weigh.
 """
 
 from __future__ import annotations
