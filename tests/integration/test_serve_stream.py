@@ -302,6 +302,9 @@ def test_a_thousand_hostile_frames_among_good_ones(line: Line, png_bomb) -> None
     good_images = [encode_image(img) for img, _, _ in itertools.islice(images, 100)]
     bomb = png_bomb(6000)  # 72 MB once decoded, ~70 kB on the wire
     hostile = _hostile_frames(line, run, good_images[0], bomb, 1000)
+    # One good frame first: the scorer has its model loaded before its memory is measured.
+    warm = _send(line, 1)
+    _verdicts(line, {s.frame_id for s in warm})
     scorer_pid = ray.get(_replica_actor("scorer").__ray_call__.remote(lambda self: os.getpid()))
     before_mb = _vm_hwm_mb(scorer_pid)
     producer = make_producer(line.bootstrap)
@@ -340,4 +343,4 @@ def test_a_thousand_hostile_frames_among_good_ones(line: Line, png_bomb) -> None
         f"{before_mb:.0f} → {peak_mb:.0f} MB; reasons e.g. "
         + " | ".join(sorted({r[:60] for r in reasons.values()})[:12])
     )
-    assert peak_mb - before_mb < 500
+    assert peak_mb - before_mb < 200
