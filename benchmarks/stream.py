@@ -89,6 +89,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="bundle directory (default: train tiny)")
+    parser.add_argument("--method", default="d3ad", help="method of the tiny model trained")
     parser.add_argument("--frames", type=int, default=160)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--torch-threads", type=int, default=1)
@@ -99,7 +100,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         os.environ["EDGE_AD_HOME"] = str(root / "home")
-        bundle = args.model or tiny_bundle(root)
+        bundle = args.model or tiny_bundle(root, args.method)
         meta = read_meta(bundle)
         size = int(meta["settings"]["data"]["image_size"])
         uri = f"sqlite:///{root / 'mlruns.db'}"
