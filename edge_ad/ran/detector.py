@@ -12,7 +12,7 @@ signals of equal noise level whatever the backbone's feature magnitudes.
 
 Departures from the paper: latent diffusion (the shared autoencoder and UNet, not a pixel
 UNet); no feature-prediction head on the UNet (the feature score compares φ(x) with φ(x̂) of
-the reconstruction, as the issue specifies); PaDiM uses the same EfficientNet features; the KL
+the reconstruction, as the other methods do); PaDiM uses the same EfficientNet features; the KL
 noise is one fixed draw per model so a frame's score does not depend on its batch.
 """
 
