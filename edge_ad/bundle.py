@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 import edge_ad
 from edge_ad.config import settings_from_dict
 from edge_ad.detector import Detector, add_prefix, resolve_device, strip_prefix
-from edge_ad.errors import EdgeADError
+from edge_ad.errors import EdgeADError, first_line
 from edge_ad.methods import detector_class
 from edge_ad.models.backbone import FeatureBackbone
 
@@ -171,8 +171,7 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
     try:
         detector = _rebuild(path, meta)
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, SafetensorError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise EdgeADError(f"bundle {path} is corrupt or incompatible: {reason}") from None
+        raise EdgeADError(f"bundle {path} is corrupt or incompatible: {first_line(err)}") from None
     detector.eval().requires_grad_(False)
     detector.to(resolve_device(device))
     return Bundle(
@@ -197,21 +196,32 @@ def _require_finite(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
             raise ValueError(f"state {key} holds NaN or infinite values")
 
 
-def _require_weights_fit(path: Path, method: str, settings: Any, meta: dict[str, Any]) -> None:
+def _require_weights_fit(
+    path: Path, cls: type[Detector], settings: Any, meta: dict[str, Any]
+) -> None:
     """The architecture bundle.json describes must be about the size of the weights stored
     beside it. Checked on PyTorch's meta device (shapes only, no memory): an edited
     ``block_out_channels`` would otherwise allocate gigabytes before the load fails."""
     with safe_open(str(path / WEIGHTS_FILE), "pt") as weights:
         stored = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
     with torch.device("meta"):
-        b = meta.get("backbone")
-        backbone = FeatureBackbone(b["name"], b["layers"], weights=None) if b else None
-        shell = detector_class(method).from_meta(settings, meta, backbone)
+        shell = cls.from_meta(settings, meta, _backbone(meta))
     needed = sum(p.numel() for p in shell.parameters())
     if needed > stored + MAX_UNSTORED_PARAMETERS:
         raise ValueError(
             f"bundle.json describes {needed:,} parameters but the weights hold {stored:,}"
         )
+
+
+def _backbone(meta: dict[str, Any]) -> FeatureBackbone | None:
+    """The untrained backbone ``bundle.json`` describes (its weights load with the rest)."""
+    b = meta.get("backbone")
+    if not b:
+        return None
+    _require_local_backbone(b["name"])
+    backbone = FeatureBackbone(b["name"], b["layers"], weights=None)
+    backbone.weights_source = b.get("weights_source", "bundle")
+    return backbone
 
 
 def _require_local_backbone(name: Any) -> None:
@@ -232,14 +242,9 @@ def _rebuild(path: Path, meta: dict[str, Any]) -> Detector:
     method = meta.get("method", "d3ad")
     if settings.method != method:
         raise ValueError(f"bundle.json says method {method!r}, its settings {settings.method!r}")
-    backbone = None
-    if meta.get("backbone"):
-        b = meta["backbone"]
-        _require_local_backbone(b["name"])
-        backbone = FeatureBackbone(b["name"], b["layers"], weights=None)
-        backbone.weights_source = b.get("weights_source", "bundle")
-    _require_weights_fit(path, method, settings, meta)
-    detector = detector_class(method).from_meta(settings, meta, backbone)
+    cls = detector_class(method)
+    _require_weights_fit(path, cls, settings, meta)
+    detector = cls.from_meta(settings, meta, _backbone(meta))
     state = load_file(str(path / STATE_FILE))
     _require_finite(state, meta)
     detector.load_state_tensors(state)

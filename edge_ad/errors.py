@@ -24,3 +24,9 @@ class DownloadError(EdgeADError):
 
 class ConfigError(EdgeADError):
     """A configuration file or option is invalid."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line for a user-facing message: its first line, or its type's name
+    when it has no text."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

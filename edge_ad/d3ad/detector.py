@@ -50,10 +50,10 @@ from edge_ad.config import Settings
 from edge_ad.d3ad.adapt import adapt_backbone
 from edge_ad.d3ad.anomaly_map import MapNormalizer, feature_distance, latent_distance
 from edge_ad.d3ad.fusion_weight import (
-    MIN_SYNTHETIC,
     WeightChoice,
     choose_memory_weight,
     synthetic_anomalies,
+    synthetic_count,
 )
 from edge_ad.d3ad.observer import FitObserver
 from edge_ad.d3ad.reconstruct import reconstruct_latents
@@ -419,12 +419,8 @@ class D3AD(LatentDiffusionDetector):
         observer.stage_end("knn", {"knn_k": float(self.severity.k)})
 
     def calibration_count(self, val_images: torch.Tensor, index_images: torch.Tensor | None) -> int:
-        extra = self._synthetic_count(val_images) if self.auto_weight else 0
+        extra = synthetic_count(len(val_images)) if self.auto_weight else 0
         return super().calibration_count(val_images, index_images) + extra
-
-    @staticmethod
-    def _synthetic_count(val_images: torch.Tensor) -> int:
-        return max(len(val_images), MIN_SYNTHETIC)
 
     def calibration_scores(
         self,
@@ -498,8 +494,7 @@ class D3AD(LatentDiffusionDetector):
     ) -> WeightChoice:
         """w for ``memory_weight=auto``: each candidate's fused maps of the validation normals
         and of synthetic anomalies pasted into them, scored against the pasted masks."""
-        count = self._synthetic_count(val_images)
-        frames, masks = synthetic_anomalies(val_images, self.settings.runtime.seed, count)
+        frames, masks = synthetic_anomalies(val_images, self.settings.runtime.seed)
         raw = list(val_raw)
         for b in frames.split(8):
             raw.append(self._raw_cpu(b, self._memory_or_none(b)))

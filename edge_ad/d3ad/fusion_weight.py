@@ -49,13 +49,18 @@ class WeightChoice:
         return out
 
 
+def synthetic_count(normal_count: int) -> int:
+    """How many synthetic anomalies calibration pastes into ``normal_count`` held-out normals."""
+    return max(normal_count, MIN_SYNTHETIC)
+
+
 def synthetic_anomalies(
     images: torch.Tensor, seed: int, count: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(anomalous copies uint8 (M, 3, H, W), masks float (M, H, W)) of normal uint8 images,
-    M = max(len(images), MIN_SYNTHETIC) unless ``count`` says; same seed, same anomalies."""
+    M = :func:`synthetic_count` unless ``count`` says; same seed, same anomalies."""
     rng = np.random.default_rng(seed)
-    m = count if count is not None else max(len(images), MIN_SYNTHETIC)
+    m = count if count is not None else synthetic_count(len(images))
     frames, masks = [], []
     for i in range(m):
         hwc = images[i % len(images)].permute(1, 2, 0).numpy()

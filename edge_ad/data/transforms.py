@@ -34,7 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from edge_ad.data.samples import Sample
-from edge_ad.errors import DatasetError
+from edge_ad.errors import DatasetError, first_line
 
 Progress = Callable[[int, int], None]
 """Progress callback: called as ``progress(done, total)`` after each image."""
@@ -58,9 +58,8 @@ def _open(source: Path | bytes, name: str) -> Image.Image:
     except FileNotFoundError as exc:
         raise DatasetError(f"image {name} not found; check the dataset folder") from exc
     except READ_ERRORS as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DatasetError(
-            f"cannot read image {name} ({reason}); replace or remove the corrupt file"
+            f"cannot read image {name} ({first_line(exc)}); replace or remove the corrupt file"
         ) from exc
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edge_ad.data.transforms import READ_ERRORS, resize_image, to_rgb_array
-from edge_ad.errors import EdgeADError
+from edge_ad.errors import EdgeADError, first_line
 
 #: What cameras and image tools write; everything else Pillow could open is refused.
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
@@ -50,8 +50,7 @@ DEFAULT_LIMITS = ImageLimits()
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]
+    return first_line(exc)[:200]
 
 
 def check_header(
